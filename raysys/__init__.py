@@ -1,0 +1,2 @@
+"""raysys: learning from populations of neural networks (model zoos) on Ray."""
+__version__ = "0.1.0"
