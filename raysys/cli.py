@@ -18,7 +18,7 @@ STAGE_MODULES = [
     "raysys.populations.cli",
     "raysys.search",
     "raysys.pipeline",
-    "raysys.tracking",
+    "raysys.mlflow_server",
 ]
 
 
