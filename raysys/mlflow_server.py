@@ -1,0 +1,90 @@
+"""``raysys mlflow serve``: the MLflow tracking server (UI + REST API) for raysys runs.
+
+A thin wrapper around ``mlflow server`` that refuses the two setups that silently break a
+raysys deployment: a relative sqlite path (Ray Tune changes the working directory, so every
+trial would open a different database) and MLflow's file store (refused by MLflow 3). It binds
+to 127.0.0.1 unless told otherwise, because the server has no authentication: on a cluster,
+bind the head's private interface and reach the UI through an SSH port-forward.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from raysys.config import ConfigError
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+SQL_SCHEMES = ("postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql", "mssql")
+
+
+def check_backend_store_uri(uri: str) -> str:
+    """Return ``uri`` if it is an absolute sqlite or a SQL database URI; raise ConfigError otherwise."""
+    scheme = uri.split(":", 1)[0] if "://" in uri else ""
+    if scheme == "sqlite":
+        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+        if not path.startswith("/"):
+            raise ConfigError(
+                f"backend store '{uri}' is a relative sqlite path; Ray Tune changes the working directory, so "
+                f"each process would open a different database. Use an absolute path: sqlite:////abs/path/mlflow.db "
+                f"(four slashes).")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return uri
+    if scheme in SQL_SCHEMES:
+        return uri
+    raise ConfigError(
+        f"backend store '{uri}' is not supported: MLflow 3 refuses the file store, and raysys needs a database. "
+        f"Use sqlite:////abs/path/mlflow.db on one machine or postgresql://user@host/db on a shared server.")
+
+
+def default_backend_store_uri() -> str:
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def server_command(host: str = "127.0.0.1", port: int = 5000, backend_store_uri: str | None = None,
+                   artifacts_destination: str | None = None, workers: int = 1) -> list[str]:
+    """The ``mlflow server`` command line for these settings (validated)."""
+    if not 0 < port < 65536:
+        raise ConfigError(f"port {port} is out of range. Pass --port between 1 and 65535 (default 5000).")
+    backend = check_backend_store_uri(backend_store_uri or default_backend_store_uri())
+    if artifacts_destination is None:
+        artifacts_destination = str(Path.cwd().resolve() / "mlartifacts")
+    elif "://" not in artifacts_destination:
+        # a relative artifact directory would move with the server's working directory
+        artifacts_destination = str(Path(artifacts_destination).expanduser().resolve())
+    return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
+            "--backend-store-uri", backend, "--artifacts-destination", artifacts_destination,
+            "--serve-artifacts", "--workers", str(workers)]
+
+
+def serve(args: argparse.Namespace) -> int:
+    cmd = server_command(args.host, args.port, args.backend_store_uri, args.artifacts_destination, args.workers)
+    if args.host not in LOCAL_HOSTS:
+        print(f"raysys: warning: MLflow has no authentication and will accept connections on {args.host}:"
+              f"{args.port}; keep that interface private (security group / firewall).", file=sys.stderr)
+    print(f"raysys: MLflow UI at http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+          f" (backend {cmd[cmd.index('--backend-store-uri') + 1]})", file=sys.stderr, flush=True)
+    if args.dry_run:
+        print(" ".join(cmd))
+        return 0
+    # exec so that signals (Ctrl-C, SIGTERM from a process manager) reach mlflow directly
+    os.execv(cmd[0], cmd)
+    return 0  # unreachable
+
+
+def register(subparsers) -> None:
+    mlflow = subparsers.add_parser("mlflow", help="MLflow tracking server for raysys runs")
+    sub = mlflow.add_subparsers(dest="mlflow_command", required=True)
+    p = sub.add_parser("serve", help="run the MLflow tracking server (UI + REST API), localhost by default",
+                       description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--backend-store-uri", default=None,
+                   help="sqlite:////abs/path/mlflow.db or postgresql://... (default: ./mlflow.db, made absolute)")
+    p.add_argument("--artifacts-destination", default=None,
+                   help="directory or s3:// URI for artifacts (default: ./mlartifacts, made absolute)")
+    p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
+    p.add_argument("--dry-run", action="store_true", help="print the mlflow command instead of running it")
+    p.set_defaults(func=serve)
