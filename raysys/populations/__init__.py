@@ -1,0 +1,8 @@
+"""New models from a zoo: latent samplers, baselines, fine-tuning on Ray actors, novelty, reports.
+
+Entry point: :func:`run_populations` with a :class:`PopulationsConfig` (see ``stage``).
+"""
+from raysys.populations.samplers import KDESampler, UniformSampler, make_sampler, noise_population
+from raysys.populations.stage import PopulationsConfig, run_populations
+
+__all__ = ["KDESampler", "UniformSampler", "make_sampler", "noise_population", "PopulationsConfig", "run_populations"]

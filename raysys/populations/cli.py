@@ -1,0 +1,156 @@
+"""CLI of the populations stage.
+
+    raysys sample CONFIG --zoo ZOO --checkpoint CKPT --method S_KDE30 --out pop.safetensors
+    raysys finetune CONFIG --zoo ZOO --weights pop.safetensors [--dataset fontdigits] --out DIR
+    raysys populations run CONFIG --zoo ZOO --checkpoint CKPT [--nolwln-checkpoint CKPT2] --out DIR
+    raysys populations report DIR
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from raysys.config import RaysysError, load
+
+
+def _common(p, checkpoint: bool = True) -> None:
+    p.add_argument("config", help="populations config YAML (see configs/populations/)")
+    p.add_argument("--zoo", required=True, help="zoo directory (raysys zoo generate)")
+    if checkpoint:
+        p.add_argument("--checkpoint", required=True, help="hyper-representation checkpoint directory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set num_models=100 (repeatable)")
+
+
+def _config(args):
+    from raysys.populations.stage import PopulationsConfig
+    return load(PopulationsConfig, args.config, args.overrides)
+
+
+def _ray_init(address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        # On a laptop start a private local Ray; on a cluster pass --address auto (or set RAY_ADDRESS).
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    return ray
+
+
+def cmd_sample(args) -> int:
+    from raysys.populations import generate, stage
+
+    cfg = _config(args)
+    if args.num_models is not None:
+        cfg.num_models = args.num_models
+    if args.method in ("B_T", "B_F"):
+        raise RaysysError(f"{args.method} is trained, not sampled. Use 'raysys populations run' for baselines.")
+    aes = stage.load_autoencoders(args.checkpoint, args.nolwln_checkpoint)
+    cfg, view, anchors = stage.prepare(cfg, args.zoo, aes)
+    if args.method == "B_KDE30" and "nolwln" not in aes:
+        raise RaysysError("B_KDE30 needs the autoencoder trained without LWLN: pass --nolwln-checkpoint DIR.")
+    W = stage.initial_weights(args.method, cfg, anchors, aes, view, max(cfg.zoo_epochs), cfg.seed)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage._save_population(out, W)
+    # A quick sanity evaluation of what was generated, before anyone fine-tunes it.
+    from raysys.populations.novelty import predict
+    activation = stage._specs(view, cfg)[0].activation
+    acc = (predict(view.arch, W, view.data.x_test, activation, view.layout.num_classes)
+           == view.data.y_test.numpy()[None]).mean(axis=1)
+    print(f"wrote {len(W)} {args.method} models ({W.shape[1]} parameters) to {out}; "
+          f"test accuracy before fine-tuning {100 * acc.mean():.1f} % (std {100 * acc.std():.1f})")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from safetensors.numpy import load_file
+    from tqdm.auto import tqdm  # noqa: F401  (progress bar inside run_jobs)
+
+    from raysys import datasets
+    from raysys.populations import finetune, stage
+    from raysys.store import atomic_write_json
+
+    cfg = _config(args)
+    path = Path(args.weights)
+    if not path.exists():
+        raise RaysysError(f"{path} does not exist. Write a population with 'raysys sample ... --out {path}'.")
+    W = load_file(str(path))["weights"]
+    cfg.num_models = len(W)
+    view = stage.ZooView(args.zoo, [], cfg.dataset_options)
+    dataset = args.dataset or view.dataset_name
+    options = cfg.transfer.dataset_options if cfg.transfer and dataset == cfg.transfer.dataset else \
+        (cfg.dataset_options if dataset == view.dataset_name else {})
+    datasets.load(dataset, **options)  # fail here, not inside an actor, on a bad name
+    epochs = max(cfg.finetune.budgets)
+    job = finetune.Job(name=path.stem, setting="in_dataset" if dataset == view.dataset_name else "transfer",
+                       arch=view.arch, dataset=dataset, specs=stage._specs(view, cfg), epochs=epochs,
+                       weights=W, dataset_options=options)
+    _ray_init(args.address)
+    res = finetune.run_jobs([job], 1, cfg.finetune.cpus_per_actor, cfg.finetune.gpus_per_actor)[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "finetune.json", {
+        "weights": str(path.resolve()), "dataset": dataset, "epochs": epochs,
+        "metrics": {k: v.tolist() for k, v in res["metrics"].items()}})
+    acc = res["metrics"]["test_acc"]
+    for b in cfg.finetune.budgets:
+        print(f"epoch {b:3d}: test accuracy {100 * np.nanmean(acc[b]):.1f} % (std {100 * np.nanstd(acc[b]):.1f})")
+    print(f"wrote {out / 'finetune.json'}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from raysys.populations.stage import run_populations
+
+    cfg = _config(args)
+    _ray_init(args.address)
+    results = run_populations(cfg, args.zoo, args.checkpoint, args.out, args.nolwln_checkpoint,
+                              tracking_uri=args.tracking_uri)
+    print(Path(results["report_files"]["markdown"]).read_text())
+    print(f"results in {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from raysys.populations import report
+    from raysys.populations.stage import load_results
+
+    files = report.write_report(load_results(args.dir), args.dir)
+    print(Path(files["markdown"]).read_text())
+    print(json.dumps(files, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="sample a population from a hyper-representation (S_KDE, S_KDE30, ...)")
+    _common(p)
+    p.add_argument("--method", default="S_KDE30",
+                   help="S_KDE | S_KDE30 | S_KDE_joint | S_U | B_KDE30 | B_noise_<sigma> (default S_KDE30)")
+    p.add_argument("--nolwln-checkpoint", default=None, help="autoencoder trained without LWLN (for B_KDE30)")
+    p.add_argument("-n", "--num-models", type=int, default=None, help="population size (default: the config's)")
+    p.add_argument("--out", required=True, help="output .safetensors file (tensor 'weights' [n, P])")
+    p.set_defaults(func=cmd_sample)
+
+    p = subparsers.add_parser("finetune", help="fine-tune a saved population on Ray actors")
+    _common(p, checkpoint=False)
+    p.add_argument("--weights", required=True, help=".safetensors written by 'raysys sample'")
+    p.add_argument("--dataset", default=None, help="target dataset (default: the zoo's own)")
+    p.add_argument("--out", required=True, help="output directory (finetune.json)")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_finetune)
+
+    pops = subparsers.add_parser("populations", help="the whole populations stage and its report")
+    sub = pops.add_subparsers(dest="populations_command", required=True)
+    p = sub.add_parser("run", help="sample -> baselines -> fine-tune on actors -> novelty -> report")
+    _common(p)
+    p.add_argument("--nolwln-checkpoint", default=None, help="autoencoder trained without LWLN (for B_KDE30)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (absolute sqlite:////... or http://...)")
+    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help="rebuild report.md/json and plots from DIR/results.json")
+    p.add_argument("dir", help="output directory of 'raysys populations run'")
+    p.set_defaults(func=cmd_report)

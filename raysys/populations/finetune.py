@@ -1,0 +1,153 @@
+"""Fine-tuning whole populations on a pool of Ray actors.
+
+A job is one population: its initial weights (or none, for models trained from scratch), one
+:class:`~raysys.train.ModelSpec` per model (seed = data order and dropout; init only when no
+weights are given), and a dataset. An actor trains the whole population as one batched
+computation with :func:`raysys.population.train_population`, evaluating at epoch 0 (the
+weights as given, no training) and after every epoch up to the largest budget, so one run
+yields the accuracy at every budget (0, 1, 5, 25 ...).
+
+Actors hold a fraction of a GPU each on a cluster (``gpus_per_actor``) and cache the datasets
+they have loaded, so a pool of k actors fine-tunes k populations at a time.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from raysys import architectures, datasets
+from raysys.config import RaysysError
+from raysys.datasets import ImageData
+from raysys.population import train_population
+from raysys.train import METRICS, ModelSpec, initial_model, train_one
+
+
+@dataclass
+class Job:
+    """One population to fine-tune (or train from scratch when ``weights`` is None)."""
+
+    name: str  # method, e.g. "S_KDE30"
+    setting: str  # "in_dataset" or "transfer"
+    arch: str
+    dataset: str
+    specs: list[ModelSpec]
+    epochs: int
+    weights: np.ndarray | None = None  # [N, P] float32
+    dataset_options: dict = field(default_factory=dict)
+    keep_epochs: tuple[int, ...] = ()  # epochs whose weights come back (for novelty)
+
+    @property
+    def key(self) -> str:
+        return f"{self.setting}/{self.name}"
+
+
+def _supports_init_weights() -> bool:
+    return "init_weights" in inspect.signature(train_population).parameters
+
+
+def _train_each(arch, specs, data, epochs, on_epoch, init_weights):
+    """Per-model fallback with the same semantics, for trainers without ``init_weights``."""
+    per_epoch: list[list] = [[] for _ in range(epochs + 1)]
+    for i, spec in enumerate(specs):
+        if init_weights is None:
+            model = initial_model(arch, spec, data)
+        else:
+            model = architectures.build(arch, spec.activation, spec.dropout, data.in_channels, data.num_classes)
+            architectures.unflatten(init_weights[i], model)
+        train_one(arch, spec, data, epochs, lambda e, w, m: per_epoch[e].append((w, m)), model=model)
+    for epoch, items in enumerate(per_epoch):
+        on_epoch(epoch, torch.cat([w for w, _ in items]),
+                 {k: np.concatenate([m[k] for _, m in items]) for k in items[0][1]})
+
+
+def finetune_population(arch: str, specs: list[ModelSpec], data: ImageData, epochs: int,
+                        init_weights: np.ndarray | None = None, keep_epochs=(), device: str = "cpu") -> dict:
+    """Train a population for ``epochs`` epochs; return per-epoch metrics and kept weights.
+
+    Returns ``{"metrics": {name: [epochs+1, N]}, "weights": {epoch: [N, P]}}`` (numpy).
+    """
+    n = len(specs)
+    if init_weights is not None:
+        init_weights = torch.as_tensor(np.asarray(init_weights), dtype=torch.float32)
+        P = architectures.layout_of(arch, data.in_channels, data.num_classes).num_params
+        if init_weights.shape != (n, P):
+            raise RaysysError(f"initial weights have shape {tuple(init_weights.shape)} but {n} {arch} models on "
+                              f"{data.name} need ({n}, {P}). Decode with the zoo's architecture and dataset shape.")
+    metrics = {m: np.full((epochs + 1, n), np.nan) for m in METRICS}
+    kept: dict[int, np.ndarray] = {}
+
+    def on_epoch(epoch, weights, values):
+        for k in METRICS:
+            metrics[k][epoch] = values[k]
+        if epoch in keep_epochs:
+            kept[epoch] = weights.detach().cpu().numpy().astype(np.float32)
+
+    if init_weights is None:
+        train_population(arch, specs, data, epochs, on_epoch, device=device)
+    elif _supports_init_weights():
+        train_population(arch, specs, data, epochs, on_epoch, device=device, init_weights=init_weights)
+    else:
+        _train_each(arch, specs, data, epochs, on_epoch, init_weights)
+    return {"metrics": metrics, "weights": kept}
+
+
+class FinetuneWorker:
+    """Ray actor body: fine-tunes one population per call, caching loaded datasets."""
+
+    def __init__(self, num_threads: int | None = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self._data: dict[str, ImageData] = {}
+
+    def data(self, name: str, options: dict) -> ImageData:
+        key = f"{name}:{sorted(options.items())}"
+        if key not in self._data:
+            self._data[key] = datasets.load(name, **options)
+        return self._data[key]
+
+    def run(self, index: int, job: Job) -> tuple[int, dict]:
+        data = self.data(job.dataset, job.dataset_options)
+        out = finetune_population(job.arch, job.specs, data, job.epochs, job.weights, job.keep_epochs, self.device)
+        return index, out
+
+
+def run_jobs(jobs: list[Job], num_actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
+             progress: bool = True, on_result=None) -> list[dict]:
+    """Fine-tune every job on a pool of actors; results come back in job order.
+
+    ``on_result(job, result)`` is called on the driver as each population finishes (for
+    tracking). Ray must be initialized by the caller.
+    """
+    import ray
+    from ray.util import ActorPool
+    from tqdm.auto import tqdm
+
+    if not ray.is_initialized():
+        raise RaysysError("Ray is not initialized. Call ray.init(address=...) first (address='local' on a laptop).")
+    if not jobs:
+        return []
+    actor_cls = ray.remote(FinetuneWorker)
+    k = max(1, min(num_actors, len(jobs)))
+    actors = [actor_cls.options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor).remote(max(1, int(cpus_per_actor)))
+              for _ in range(k)]
+    pool = ActorPool(actors)
+    for i, job in enumerate(jobs):
+        pool.submit(lambda a, v: a.run.remote(*v), (i, job))
+    results: list[dict | None] = [None] * len(jobs)
+    try:
+        with tqdm(total=len(jobs), desc="fine-tuning populations", unit="pop", disable=not progress) as bar:
+            while pool.has_next():
+                i, out = pool.get_next_unordered()
+                results[i] = out
+                if on_result is not None:
+                    on_result(jobs[i], out)
+                bar.set_postfix_str(jobs[i].key)
+                bar.update()
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return results

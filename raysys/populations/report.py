@@ -1,0 +1,166 @@
+"""Reports in the shape of 000 Tables 1 and 2, with novelty beside accuracy.
+
+Input is the ``results`` dict written by :func:`raysys.populations.stage.run_populations`
+(``results.json``): one entry per population with test accuracies at every budget and novelty
+summaries at epoch 0 and after the largest budget. Output (written atomically):
+
+* ``report.json``: the tables as data;
+* ``report.md``: accuracy tables (mean (std) % per method x epoch budget) per setting, and
+  novelty tables (nearest-training-model distance raw / aligned, prediction agreement, diversity);
+* ``accuracy_curves.png``: test accuracy over fine-tuning epochs per method;
+* ``accuracy_vs_novelty.png``: per-model accuracy against aligned distance to the nearest
+  training model, at epoch 0 and after the largest budget.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from raysys.store import atomic_write_bytes
+
+SETTING_TITLES = {"in_dataset": "In-dataset (000 Table 1)", "transfer": "Transfer (000 Table 2)"}
+NOVELTY_COLUMNS = [
+    ("nearest_raw", "nearest train L2 (raw)"),
+    ("nearest_aligned", "nearest train L2 (aligned)"),
+    ("agreement", "agreement with nearest (%)"),
+    ("diversity_raw", "pairwise L2 (raw)"),
+    ("diversity_aligned", "pairwise L2 (aligned)"),
+]
+
+
+def _stats(values) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def tables(results: dict) -> dict:
+    """{setting: {"accuracy": [rows], "novelty": [rows]}} with one row per method (x budget)."""
+    out: dict[str, dict] = {}
+    for pop in results["populations"]:
+        t = out.setdefault(pop["setting"], {"dataset": pop["dataset"], "accuracy": [], "novelty": []})
+        for budget in results["budgets"]:
+            m, s = _stats(pop["test_acc"][str(budget)])
+            t["accuracy"].append({"method": pop["name"], "epoch": budget, "mean": 100 * m, "std": 100 * s,
+                                  "num_models": pop["num_models"]})
+        for when, summary in pop["novelty"].items():
+            row = {"method": pop["name"], "when": when}
+            for key, _ in NOVELTY_COLUMNS:
+                scale = 100 if key == "agreement" else 1
+                row[key] = {"mean": scale * summary[f"{key}_mean"], "std": scale * summary[f"{key}_std"]}
+            t["novelty"].append(row)
+    return out
+
+
+def _fmt(mean: float, std: float, digits: int = 1) -> str:
+    if not np.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ({std:.{digits}f})"
+
+
+def markdown(results: dict, tabs: dict | None = None) -> str:
+    tabs = tabs or tables(results)
+    budgets = results["budgets"]
+    lines = [f"# Sampled populations: {results.get('zoo_name', results.get('zoo', ''))}", ""]
+    lines += [f"Architecture `{results['arch']}`, source dataset `{results['dataset']}`, "
+              f"{results['num_models']} models per population. Test accuracy in %, mean (std) over models; "
+              f"novelty against the zoo's training-split models (epochs {results['reference_epochs']}).", ""]
+    for setting, t in tabs.items():
+        lines += [f"## {SETTING_TITLES.get(setting, setting)}: fine-tuned on `{t['dataset']}`", ""]
+        lines += ["| Method | " + " | ".join(f"Ep. {b}" for b in budgets) + " |",
+                  "|---|" + "---:|" * len(budgets)]
+        methods = list(dict.fromkeys(r["method"] for r in t["accuracy"]))
+        for method in methods:
+            cells = {r["epoch"]: _fmt(r["mean"], r["std"]) for r in t["accuracy"] if r["method"] == method}
+            lines.append(f"| {method} | " + " | ".join(cells[b] for b in budgets) + " |")
+        lines.append("")
+        for when in dict.fromkeys(r["when"] for r in t["novelty"]):
+            label = "as generated (epoch 0)" if when == "epoch_0" else f"after {when.split('_')[-1]} epochs"
+            lines += [f"Novelty, {label}:", "",
+                      "| Method | " + " | ".join(c for _, c in NOVELTY_COLUMNS) + " |",
+                      "|---|" + "---:|" * len(NOVELTY_COLUMNS)]
+            for r in t["novelty"]:
+                if r["when"] == when:
+                    digits = {"agreement": 1}
+                    lines.append(f"| {r['method']} | " + " | ".join(
+                        _fmt(r[k]["mean"], r[k]["std"], digits.get(k, 2)) for k, _ in NOVELTY_COLUMNS) + " |")
+            lines.append("")
+    for skipped in results.get("skipped", []):
+        lines.append(f"- skipped {skipped['setting']}/{skipped['name']}: {skipped['reason']}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _save_png(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(p["setting"] for p in results["populations"]))
+    fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
+    for ax, setting in zip(axes[0], settings):
+        for pop in results["populations"]:
+            if pop["setting"] != setting:
+                continue
+            curve = np.asarray(pop["test_acc_curve"], dtype=np.float64) * 100  # [epochs+1, N]
+            epochs = np.arange(len(curve))
+            mean, std = np.nanmean(curve, axis=1), np.nanstd(curve, axis=1)
+            ax.plot(epochs, mean, marker=".", label=pop["name"])
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
+        ax.set(title=f"{SETTING_TITLES.get(setting, setting)}", xlabel="fine-tuning epoch", ylabel="test accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def plot_novelty(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    whens = ["epoch_0", f"epoch_{max(results['budgets'])}"]
+    settings = list(dict.fromkeys(p["setting"] for p in results["populations"]))
+    fig, axes = plt.subplots(len(settings), 2, figsize=(12, 4 * len(settings)), squeeze=False)
+    for row, setting in zip(axes, settings):
+        for ax, when in zip(row, whens):
+            for pop in results["populations"]:
+                if pop["setting"] != setting or when not in pop.get("novelty_per_model", {}):
+                    continue
+                nov = pop["novelty_per_model"][when]
+                x = np.asarray(nov["nearest_aligned"], dtype=np.float64)
+                if not np.isfinite(x).any():
+                    x = np.asarray(nov["nearest_raw"], dtype=np.float64)
+                y = 100 * np.asarray(pop["test_acc"][when.split("_")[-1]], dtype=np.float64)
+                ax.scatter(x, y, s=10, alpha=0.7, label=pop["name"])
+            ax.set(title=f"{setting}, {when.replace('_', ' ')}", xlabel="L2 to nearest training model (aligned)",
+                   ylabel="test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def write_report(results: dict, out_dir: str | Path) -> dict[str, str]:
+    """Write report.json, report.md and the two plots into ``out_dir``; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tabs = tables(results)
+    paths = {"json": out / "report.json", "markdown": out / "report.md",
+             "curves": out / "accuracy_curves.png", "novelty": out / "accuracy_vs_novelty.png"}
+    atomic_write_bytes(paths["json"], json.dumps({"budgets": results["budgets"], "tables": tabs,
+                                                  "skipped": results.get("skipped", [])}, indent=2).encode())
+    atomic_write_bytes(paths["markdown"], markdown(results, tabs).encode())
+    plot_curves(results, paths["curves"])
+    plot_novelty(results, paths["novelty"])
+    return {k: str(v) for k, v in paths.items()}
