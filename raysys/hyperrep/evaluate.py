@@ -71,8 +71,8 @@ def decode(hr, z: np.ndarray) -> np.ndarray:
 def zoo_dataset(manifest: dict, data_root: str | None = None) -> datasets.ImageData:
     """The image dataset a zoo was trained on, checked against the digests in its manifest.
 
-    Loader options come from the zoo config's dataset section when it has one, and the split
-    seed from the dataset record, so the test images are exactly the zoo's.
+    Loader options (and the data root, unless ``data_root`` is given) come from the zoo config's
+    dataset section, the split seed from the dataset record, so the test images are the zoo's.
     """
     record = manifest.get("dataset") or {}
     name = record.get("name")
@@ -86,7 +86,7 @@ def zoo_dataset(manifest: dict, data_root: str | None = None) -> datasets.ImageD
     seed = (record.get("preprocessing") or {}).get("split_seed")
     if seed is not None and "seed" in accepted:
         options.setdefault("seed", seed)
-    data = datasets.load(name, root=data_root, **options)
+    data = datasets.load(name, root=data_root if data_root is not None else section.get("root"), **options)
     want = (record.get("sha256_16") or {}).get("test")
     have = data.describe()["sha256_16"]["test"]
     if want is not None and want != have:
@@ -432,7 +432,7 @@ def register_eval(hyperrep_subparsers) -> None:
     p.add_argument("--zoo", required=True, help="zoo directory (its test split is evaluated)")
     p.add_argument("--out", required=True, help="output directory for eval.json, probes.csv and figures")
     p.add_argument("--ood-zoo", default=None, help="second zoo of the same architecture for out-of-distribution probes")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI, e.g. sqlite:////abs/mlflow.db (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI, e.g. sqlite:////abs/mlflow.db (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
     p.add_argument("--data-root", default=None, help="where on-disk image datasets live")
     p.add_argument("--epochs", default=None, help="zoo epochs to reconstruct, e.g. 21-25 (default: the training epochs)")
     p.add_argument("--probe-epochs", default=None, help="zoo epochs to probe, e.g. 1-25 (default: all after init)")

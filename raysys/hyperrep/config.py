@@ -1,0 +1,72 @@
+"""The hyper-representation config: model size, loss, augmentations, training. Unknown keys are errors."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from raysys.config import Config
+
+
+class ModelConfig(Config):
+    d_model: int = Field(128, gt=0, description="token embedding width")
+    heads: int = Field(4, gt=0, description="attention heads; must divide d_model")
+    layers: int = Field(2, gt=0, description="transformer blocks in the encoder and in the decoder")
+    ff: int = Field(512, gt=0, description="feed-forward width inside each transformer block")
+    latent_dim: int = Field(32, gt=0, description="size of the hyper-representation z")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    projection_dim: int = Field(64, gt=0, description="output width of the contrastive projection head")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide d_model ({self.d_model}); "
+                             f"pick e.g. d_model={self.heads * max(1, round(self.d_model / self.heads))}")
+        return self
+
+
+class LossConfig(Config):
+    beta: float = Field(0.9, ge=0.0, le=1.0, description="L = beta * reconstruction + (1 - beta) * contrastive")
+    temperature: float = Field(0.1, gt=0.0)
+    contrastive: Literal["ntxent", "positive"] = "ntxent"
+    lwln: bool = Field(True, description="layer-wise loss normalization (000 §3.1)")
+
+
+class AugmentConfig(Config):
+    permute: bool = True
+    erase_p: float = Field(0.5, ge=0.0, le=1.0)
+    erase_low: float = Field(0.03, ge=0.0, le=1.0)
+    erase_high: float = Field(0.3, ge=0.0, le=1.0)
+    noise_std: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.erase_low > self.erase_high:
+            raise ValueError(f"erase_low ({self.erase_low}) is above erase_high ({self.erase_high}); swap them")
+        return self
+
+
+class TrainConfig(Config):
+    epochs: int = Field(100, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(1e-5, ge=0.0)
+    schedule: Literal["cosine", "plateau"] = "cosine"
+    patience: int = Field(30, gt=0, description="stop after this many epochs without a better validation reconstruction")
+    epoch_window: tuple[int, int] = Field((21, 25), description="zoo epochs used as training data, inclusive")
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @model_validator(mode="after")
+    def _window(self):
+        a, b = self.epoch_window
+        if a < 0 or a > b:
+            raise ValueError(f"epoch_window {list(self.epoch_window)} must be [first, last] with 0 <= first <= last")
+        return self
+
+
+class HyperRepConfig(Config):
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()

@@ -1,0 +1,151 @@
+"""The hyper-representation autoencoder (002 §3, 000 §2), top to bottom.
+
+weights [B, P] -> tokens [B, T, D] (one per neuron / kernel) -> per-layer linear embedding
++ learned positions, compression token prepended -> transformer encoder -> compression token's
+output -> linear -> tanh = z [B, latent]. The decoder mirrors it: linear from z to the whole
+sequence, + positions, transformer, per-layer linear back to token weights -> [B, P].
+A small MLP projection head maps z to the space of the contrastive loss.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from raysys.architectures import Layout
+from raysys.config import RaysysError
+from raysys.hyperrep.config import HyperRepConfig
+from raysys.hyperrep.tokens import Tokenizer
+
+
+def _transformer(cfg) -> nn.TransformerEncoder:
+    block = nn.TransformerEncoderLayer(cfg.d_model, cfg.heads, cfg.ff, cfg.dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(block, cfg.layers, norm=nn.LayerNorm(cfg.d_model), enable_nested_tensor=False)
+
+
+class HyperRepresentation(nn.Module):
+    def __init__(self, config: HyperRepConfig, layout: Layout):
+        super().__init__()
+        self.config, self.layout = config, layout
+        m = config.model
+        self.tokenizer = Tokenizer(layout)
+        T, G = self.tokenizer.num_tokens, self.tokenizer.num_groups
+        widths = [g.width for g in self.tokenizer.groups]
+
+        # encoder
+        self.embed = nn.ModuleList(nn.Linear(w, m.d_model) for w in widths)
+        self.enc_pos = nn.Parameter(0.02 * torch.randn(1, T, m.d_model))
+        self.compression_token = nn.Parameter(0.02 * torch.randn(1, 1, m.d_model))
+        self.encoder = _transformer(m)
+        self.to_latent = nn.Linear(m.d_model, m.latent_dim)
+        # decoder
+        self.from_latent = nn.Linear(m.latent_dim, T * m.d_model)
+        self.dec_pos = nn.Parameter(0.02 * torch.randn(1, T, m.d_model))
+        self.decoder = _transformer(m)
+        self.unembed = nn.ModuleList(nn.Linear(m.d_model, w) for w in widths)
+        # contrastive projection head
+        self.projection = nn.Sequential(nn.Linear(m.latent_dim, m.projection_dim), nn.GELU(),
+                                        nn.Linear(m.projection_dim, m.projection_dim))
+        # LWLN statistics of the training split, saved with the model (000 §3.1).
+        self.register_buffer("lwln_mean", torch.zeros(G))
+        self.register_buffer("lwln_std", torch.ones(G))
+
+    # --- the network -------------------------------------------------------------------------
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> z [B, latent]."""
+        x = torch.cat([emb(tokens[:, g.start:g.start + g.count, :g.width])
+                       for emb, g in zip(self.embed, self.tokenizer.groups)], dim=1)
+        x = x + self.enc_pos
+        x = torch.cat([self.compression_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.encoder(x)
+        return torch.tanh(self.to_latent(x[:, 0]))
+
+    def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, latent] -> [B, T, D] (padding entries zero)."""
+        T, D = self.tokenizer.num_tokens, self.tokenizer.token_dim
+        x = self.from_latent(z).view(z.shape[0], T, -1) + self.dec_pos
+        x = self.decoder(x)
+        return torch.cat([nn.functional.pad(head(x[:, g.start:g.start + g.count]), (0, D - g.width))
+                          for head, g in zip(self.unembed, self.tokenizer.groups)], dim=1)
+
+    def forward(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """weights [B, P] -> (z [B, latent], reconstruction [B, P], projection [B, projection_dim])."""
+        z = self.encode_tokens(self.tokenizer.tokenize(weights))
+        recon = self.tokenizer.detokenize(self.decode_tokens(z))
+        return z, recon, self.projection(z)
+
+    # --- LWLN ----------------------------------------------------------------------------------
+
+    def set_layer_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.lwln_mean.copy_(mean)
+        self.lwln_std.copy_(std)
+
+    def loss_weights(self) -> torch.Tensor | None:
+        """Per-parameter 1 / sigma_l^2 [P] when LWLN is on, else None (plain MSE)."""
+        if not self.config.loss.lwln:
+            return None
+        return self.lwln_std[self.tokenizer.param_group].pow(-2)
+
+    # --- public API: batched, no grad ----------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.compression_token.device
+
+    @torch.no_grad()
+    def encode(self, weights, batch_size: int = 1024):
+        """weights [n, P] (tensor or ndarray) -> z [n, latent] of the same kind, on the CPU."""
+        self.check_width(weights.shape[-1])
+        return self._batched(lambda w: self.encode_tokens(self.tokenizer.tokenize(w)), weights, batch_size)
+
+    @torch.no_grad()
+    def decode(self, z, batch_size: int = 1024):
+        """z [n, latent] (tensor or ndarray) -> weights [n, P] of the same kind, on the CPU."""
+        if z.shape[-1] != self.config.model.latent_dim:
+            raise RaysysError(f"latents have {z.shape[-1]} dimensions but this hyper-representation's "
+                              f"latent_dim is {self.config.model.latent_dim}: pass z from this model's encode().")
+        return self._batched(lambda v: self.tokenizer.detokenize(self.decode_tokens(v)), z, batch_size)
+
+    def _batched(self, fn, x, batch_size):
+        as_numpy = isinstance(x, np.ndarray)
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32)) if as_numpy else x.float()
+        was_training = self.training
+        self.eval()
+        try:
+            out = torch.cat([fn(x[i:i + batch_size].to(self.device)).cpu() for i in range(0, len(x), batch_size)]) \
+                if len(x) else torch.zeros(0)
+        finally:
+            self.train(was_training)
+        return out.numpy() if as_numpy else out
+
+    # --- compatibility and persistence ---------------------------------------------------------
+
+    def check_width(self, width: int) -> None:
+        if width != self.layout.num_params:
+            raise RaysysError(
+                f"weights have {width} parameters but this hyper-representation was trained on "
+                f"'{self.layout.arch}' models with {self.layout.num_params}: use a checkpoint trained on a zoo "
+                f"of this architecture (raysys hyperrep train CONFIG --zoo DIR --out DIR).")
+
+    def check_layout(self, layout: Layout, what: str = "the zoo") -> None:
+        """Raise a clear error unless ``layout`` is the architecture this model was trained on."""
+        if layout.to_dict() != self.layout.to_dict():
+            raise RaysysError(
+                f"{what} holds '{layout.arch}' models ({layout.num_params} parameters, {layout.in_channels} input "
+                f"channels, {layout.num_classes} classes) but this hyper-representation was trained on "
+                f"'{self.layout.arch}' models ({self.layout.num_params} parameters, {self.layout.in_channels} input "
+                f"channels, {self.layout.num_classes} classes). Use a checkpoint trained on a zoo of the same "
+                f"architecture, or train one with 'raysys hyperrep train CONFIG --zoo DIR --out DIR'.")
+
+    def save(self, directory: str | Path, meta: dict | None = None) -> Path:
+        from raysys.hyperrep.checkpoint import save_checkpoint
+        return save_checkpoint(self, directory, meta or {})
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str = "cpu") -> "HyperRepresentation":
+        from raysys.hyperrep.checkpoint import load_checkpoint
+        return load_checkpoint(directory, device)

@@ -1,0 +1,306 @@
+"""Hyper-representation autoencoder: tokenizer, augmentations, losses, model, training, checkpoints."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from raysys import datasets
+from raysys.architectures import build, flatten, init_model, layout_of, split_vector, unflatten
+from raysys.config import ConfigError, RaysysError, load, validate
+from raysys.hyperrep.augment import Augmenter, Permuter, add_noise, random_erase
+from raysys.hyperrep.checkpoint import load_for_zoo
+from raysys.hyperrep.config import HyperRepConfig
+from raysys.hyperrep.losses import layer_statistics, ntxent, positive_only, r2_score, reconstruction_loss
+from raysys.hyperrep.model import HyperRepresentation
+from raysys.hyperrep.tokens import Tokenizer
+
+CHAINS = [("tetris_ffn", 1, 4), ("cnn_s", 1, 10), ("cnn_s", 3, 10), ("cnn_m", 3, 10)]
+TINY = {"model": {"d_model": 32, "heads": 2, "layers": 1, "ff": 64, "latent_dim": 8, "dropout": 0.0,
+                  "projection_dim": 16}}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def random_models(arch, n, in_channels=1, num_classes=10, scheme="kaiming_uniform", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    models = [init_model(build(arch, "tanh", in_channels=in_channels, num_classes=num_classes), scheme, gen)
+              for _ in range(n)]
+    for m in models:  # biases all start at 0.01; make them distinct so a misplaced bias shows
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5, generator=gen)
+    return models
+
+
+# --- tokenizer ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,cin,ncls", CHAINS)
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 4))
+def test_tokenizer_round_trip_is_exact(arch, cin, ncls, seed, batch):
+    layout = layout_of(arch, cin, ncls)
+    tok = Tokenizer(layout)
+    w = torch.randn(batch, layout.num_params, generator=torch.Generator().manual_seed(seed)) * 10
+    t = tok.tokenize(w)
+    assert t.shape == (batch, tok.num_tokens, tok.token_dim)
+    assert torch.equal(tok.detokenize(t), w)
+    assert int(tok.mask.sum()) == layout.num_params
+    assert torch.all(t[:, ~tok.mask] == 0)
+    assert tok.num_tokens == sum(l.out_units for l in layout.layers)
+
+
+def test_token_is_one_units_incoming_weights_and_bias():
+    layout = layout_of("cnn_s", 1, 10)
+    tok = Tokenizer(layout)
+    w = torch.randn(2, layout.num_params)
+    parts = split_vector(w, layout)
+    t = tok.tokenize(w)
+    groups = {g.name: g for g in tok.groups}
+    g = groups["conv2"]
+    assert (g.count, g.width) == (6, 8 * 5 * 5 + 1)
+    for u in (0, 5):
+        expect = torch.cat([parts["conv2.weight"][1, u].flatten(), parts["conv2.bias"][1, u:u + 1]])
+        assert torch.equal(t[1, g.start + u, :g.width], expect)
+        assert torch.all(tok.layer_index[g.start + u] == list(groups).index("conv2"))
+    assert torch.equal(tok.position, torch.arange(tok.num_tokens))
+
+
+# --- augmentations --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch,dataset", [("cnn_s", "digits"), ("tetris_ffn", "tetris")])
+def test_permutation_preserves_function(arch, dataset, digits):
+    data = digits if dataset == "digits" else datasets.load("tetris")
+    layout = layout_of(arch, data.in_channels, data.num_classes)
+    models = random_models(arch, 4, data.in_channels, data.num_classes, seed=1)
+    w = torch.stack([flatten(m) for m in models])
+    permuted = Permuter(layout)(w, torch.Generator().manual_seed(3))
+    x = data.x_test[:64]
+    for i, m in enumerate(models):
+        m.eval()
+        twin = unflatten(permuted[i], build(arch, "tanh", in_channels=data.in_channels,
+                                           num_classes=data.num_classes)).eval()
+        assert not torch.equal(permuted[i], w[i])  # it did move units
+        torch.testing.assert_close(twin(x), m(x), rtol=1e-5, atol=1e-5)
+    # A permutation only reorders values.
+    assert torch.equal(permuted.sort(dim=1).values, w.sort(dim=1).values)
+    # Samples get independent permutations.
+    assert not torch.equal(permuted[0] - w[0], permuted[1] - w[1])
+
+
+def test_permutation_fixes_the_output_layer():
+    layout = layout_of("cnn_s", 1, 10)
+    w = torch.randn(8, layout.num_params)
+    p = split_vector(Permuter(layout)(w), layout)
+    orig = split_vector(w, layout)
+    # Output units (classes) keep their order: each row of fc2 is a column-permutation of itself.
+    torch.testing.assert_close(p["fc2.bias"], orig["fc2.bias"])
+    torch.testing.assert_close(p["fc2.weight"].sort(-1).values, orig["fc2.weight"].sort(-1).values)
+
+
+def test_permuter_refuses_non_chain():
+    with pytest.raises(RaysysError, match="augment.permute=false"):
+        Permuter(layout_of("resnet18", 3, 10))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), low=st.floats(0.01, 0.3), span=st.floats(0.0, 0.5))
+def test_random_erase_zeroes_one_span_within_bounds(seed, low, span):
+    high = min(low + span, 1.0)
+    n = 400
+    out = random_erase(torch.ones(256, n), 0.5, low, high, torch.Generator().manual_seed(seed))
+    zeros = (out == 0)
+    erased = zeros.any(1)
+    assert 0.3 < erased.float().mean() < 0.7
+    count = zeros.sum(1)[erased]
+    assert count.min() >= max(1, int(low * n) - 1) and count.max() <= int(np.ceil(high * n)) + 1
+    # Contiguous: the zero positions of each row form one run.
+    for row in zeros[erased][:10]:
+        pos = torch.nonzero(row).squeeze(1)
+        assert int(pos[-1] - pos[0] + 1) == len(pos)
+
+
+def test_noise_and_two_independent_views():
+    layout = layout_of("tetris_ffn", 1, 4)
+    w = torch.randn(64, layout.num_params)
+    assert torch.equal(add_noise(w, 0.0), w)
+    noisy = add_noise(w, 0.05, torch.Generator().manual_seed(0))
+    assert abs(float((noisy - w).std()) - 0.05) < 0.005
+    aug = Augmenter(layout, permute=True, erase_p=1.0, erase_low=0.1, erase_high=0.1, noise_std=0.0)
+    (c1, v1), (c2, v2) = aug.two_views(w, torch.Generator().manual_seed(0))
+    assert not torch.equal(c1, c2)  # independent permutations
+    assert torch.equal(c1.sort(1).values, w.sort(1).values)  # targets are clean: un-erased, un-noised
+    assert ((v1 == 0) & (c1 != 0)).sum(1).min() >= 9  # every view erased about 10 of 100
+
+
+# --- losses ---------------------------------------------------------------------------------
+
+def test_lwln_matches_hand_computation():
+    # tetris_ffn: layer fc1 = params 0..79, layer fc2 = params 80..99 (no biases).
+    layout = layout_of("tetris_ffn", 1, 4)
+    tok = Tokenizer(layout)
+    w = torch.zeros(2, 100)
+    w[0, :80], w[1, :80] = 1.0, 3.0     # fc1 values: half 1, half 3 -> mean 2, std 1
+    w[0, 80:], w[1, 80:] = 0.0, 0.2     # fc2 values: half 0, half 0.2 -> mean 0.1, std 0.1
+    mean, std = layer_statistics(w, tok.param_group, tok.num_groups)
+    torch.testing.assert_close(mean, torch.tensor([2.0, 0.1]))
+    torch.testing.assert_close(std, torch.tensor([1.0, 0.1]))
+    pred = w.clone()
+    pred[:, 0] += 0.5    # one fc1 error of 0.5 per model: 0.25 / 1 each
+    pred[:, 99] -= 0.1   # one fc2 error of 0.1 per model: 0.01 / 0.01 each
+    inv_var = std[tok.param_group].pow(-2)
+    # (1 / (M N)) * sum_i sum_l ||err||^2 / sigma_l^2 = (2 * 0.25 + 2 * 1.0) / (2 * 100)
+    torch.testing.assert_close(reconstruction_loss(pred, w, inv_var), torch.tensor(2.5 / 200))
+    torch.testing.assert_close(reconstruction_loss(pred, w), torch.tensor((2 * 0.25 + 2 * 0.01) / 200))
+
+
+def test_lwln_groups_weights_with_their_biases():
+    layout = layout_of("cnn_s", 1, 10)
+    tok = Tokenizer(layout)
+    counts = torch.bincount(tok.param_group).tolist()
+    assert counts == [8 * 25 + 8, 6 * 8 * 25 + 6, 4 * 6 * 4 + 4, 20 * 36 + 20, 10 * 20 + 10]
+
+
+def test_contrastive_losses_fall_as_views_align():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(16, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    for loss in (ntxent, positive_only):
+        values = [float(loss(a, (1 - t) * b + t * a, 0.5)) for t in np.linspace(0, 1, 6)]
+        assert all(x > y for x, y in zip(values, values[1:])), (loss.__name__, values)
+    assert float(positive_only(a, a, 0.1)) == pytest.approx(0.0, abs=1e-6)
+    # Maximizes similarity: identical < orthogonal < opposite (the reference's (cos/T)^2 would favour orthogonal).
+    e1, e2 = torch.eye(2)[:1], torch.eye(2)[1:]
+    assert positive_only(e1, e1, 0.1) < positive_only(e1, e2, 0.1) < positive_only(e1, -e1, 0.1)
+
+
+def test_r2_score():
+    target = torch.randn(50, 10)
+    assert r2_score(target, target) == 1.0
+    assert r2_score(target.mean(0).expand(50, 10), target) == pytest.approx(0.0, abs=1e-9)
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def test_config_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="heads .* must divide d_model"):
+        validate(HyperRepConfig, {"model": {"d_model": 30, "heads": 4}})
+    with pytest.raises(ConfigError, match="did you mean 'latent_dim'"):
+        validate(HyperRepConfig, {"model": {"latent_dims": 8}})
+    with pytest.raises(ConfigError, match="erase_low"):
+        validate(HyperRepConfig, {"augment": {"erase_low": 0.5, "erase_high": 0.1}})
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "hyperrep").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load(HyperRepConfig, path)
+    assert cfg.model.d_model % cfg.model.heads == 0
+
+
+# --- model and checkpoints ------------------------------------------------------------------
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    layout = layout_of("cnn_s", 1, 10)
+    cfg = validate(HyperRepConfig, TINY)
+    torch.manual_seed(0)
+    model = HyperRepresentation(cfg, layout)
+    model.set_layer_statistics(torch.arange(5.0), torch.linspace(0.5, 2.0, 5))
+    w = torch.stack([flatten(m) for m in random_models("cnn_s", 3)])
+    z = model.encode(w)
+    assert z.shape == (3, 8) and z.abs().max() <= 1  # tanh-bounded
+    rec = model.decode(z)
+    assert rec.shape == w.shape
+    model.save(tmp_path / "ck", {"note": "test"})
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["lwln"]["std"][-1] == 2.0
+    loaded = HyperRepresentation.load(tmp_path / "ck")
+    assert torch.equal(loaded.encode(w), z)
+    assert torch.equal(loaded.decode(z), rec)
+    assert torch.equal(loaded.lwln_std, model.lwln_std)
+    np.testing.assert_array_equal(loaded.encode(w.numpy()), z.numpy())  # numpy in, numpy out
+    with pytest.raises(RaysysError, match="parameters"):
+        loaded.encode(torch.zeros(2, 100))
+    with pytest.raises(RaysysError, match="not a hyper-representation checkpoint"):
+        HyperRepresentation.load(tmp_path)
+
+
+def test_wrong_architecture_is_refused():
+    model = HyperRepresentation(validate(HyperRepConfig, TINY), layout_of("cnn_s", 1, 10))
+    with pytest.raises(RaysysError, match="'tetris_ffn' models .* trained on 'cnn_s'"):
+        model.check_layout(layout_of("tetris_ffn", 1, 4))
+    model.check_layout(layout_of("cnn_s", 1, 10))
+
+
+# --- training -------------------------------------------------------------------------------
+
+def make_zoo(root: Path, n: int = 20, epochs: int = 4) -> Path:
+    """A tiny tetris_ffn zoo written through the real store."""
+    from raysys.population import train_population
+    from raysys.store import ZooWriter, rows_table, splits_for
+    from raysys.train import ModelSpec
+
+    data = datasets.load("tetris")
+    layout = layout_of("tetris_ffn", data.in_channels, data.num_classes)
+    specs = [ModelSpec(model_id=i, seed=i, init="kaiming_uniform", lr=1e-2) for i in range(n)]
+    splits = splits_for(n, 0)
+    writer = ZooWriter(root)
+    writer.write_manifest({"layout": layout.to_dict(), "dataset": data.describe(), "config": {}, "arch": "tetris_ffn"})
+    tables = []
+    train_population("tetris_ffn", specs, data, epochs, lambda e, w, m: tables.append(
+        rows_table(layout.num_params, range(n), e, splits, w.numpy(), m, [s.hyperparameters() for s in specs])))
+    writer.write_shard(0, pa.concat_tables(tables), range(n))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_zoo(tmp_path_factory):
+    return make_zoo(tmp_path_factory.mktemp("zoo") / "tetris")
+
+
+def test_training_lowers_reconstruction_and_tracks_in_mlflow(tiny_zoo, tmp_path, mlflow_uri):
+    from mlflow import MlflowClient
+
+    from raysys.hyperrep.train import train
+
+    cfg = validate(HyperRepConfig, {**TINY, "train": {"epochs": 12, "batch_size": 16, "lr": 2e-3,
+                                                      "epoch_window": [2, 4], "patience": 50}})
+    reported = []
+    summary = train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri,
+                    report=lambda e, m: reported.append((e, m)), progress=False)
+    history = json.loads((tmp_path / "ck" / "history.json").read_text())
+    assert [e for e, _ in reported] == list(range(1, 13))
+    assert history[-1]["train_rec"] < 0.8 * history[0]["train_rec"]
+    assert summary["val_rec"] < history[0]["val_rec"]
+    assert np.isfinite(summary["test_r2"]) and summary["train"] == 14 * 3  # 70 % of 20 models x 3 epochs
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.d_model"] == "32" and run.data.params["loss.lwln"] == "True"
+    assert len(client.get_metric_history(run.info.run_id, "val_rec")) == 12
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= \
+        {f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")}
+
+    # The best checkpoint reloads, reproduces the reported validation loss, and guards its architecture.
+    model = load_for_zoo(tmp_path / "ck", tiny_zoo)
+    assert model.meta["zoo"]["manifest_sha256"] and model.meta["epoch"] == summary["best_epoch"]
+    other = make_zoo_like_cnn(tmp_path / "other")
+    with pytest.raises(RaysysError, match="trained on 'tetris_ffn'"):
+        load_for_zoo(tmp_path / "ck", other)
+
+
+def make_zoo_like_cnn(root: Path) -> Path:
+    from raysys.store import ZooWriter
+
+    ZooWriter(root).write_manifest({"layout": layout_of("cnn_s", 1, 10).to_dict(), "arch": "cnn_s"})
+    return root
+
+
+def test_training_refuses_missing_epochs(tiny_zoo, tmp_path):
+    from raysys.hyperrep.train import train
+
+    with pytest.raises(RaysysError, match="epoch_window"):
+        train(validate(HyperRepConfig, TINY), tiny_zoo, tmp_path / "ck", progress=False)
