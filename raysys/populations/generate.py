@@ -62,7 +62,7 @@ def check_layout(autoencoder, layout: Layout) -> None:
 def encode(autoencoder, weights, layout: Layout, batch_size: int = 512) -> np.ndarray:
     """Latents [n, D] of flat weights [n, P]."""
     check_layout(autoencoder, layout)
-    W = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    W = torch.from_numpy(np.array(weights, dtype=np.float32))
     return np.concatenate([_to_numpy(autoencoder.encode(W[i:i + batch_size]))
                            for i in range(0, len(W), batch_size)]).astype(np.float32)
 
@@ -84,7 +84,7 @@ def decode(autoencoder, Z, layout: Layout, batch_size: int = 512) -> np.ndarray:
 def load_models(layout: Layout, weights, activation: str) -> list[torch.nn.Module]:
     """Instantiate the zoo's architecture once per weight vector (eval mode)."""
     out = []
-    for w in torch.as_tensor(np.asarray(weights), dtype=torch.float32):
+    for w in torch.from_numpy(np.array(weights, dtype=np.float32)):
         model = architectures.build(layout.arch, activation, 0.0, layout.in_channels, layout.num_classes)
         out.append(architectures.unflatten(w, model).eval())
     return out

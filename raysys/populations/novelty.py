@@ -144,8 +144,8 @@ def nearest(W, references, layout: Layout | None = None, align: bool = True) -> 
     Returns arrays of length N: ``raw`` / ``raw_index`` and, when ``align``, ``aligned`` /
     ``aligned_index`` (the aligned search covers every reference, not only the raw-nearest).
     """
-    W = torch.as_tensor(np.asarray(W), dtype=torch.float32)
-    R = torch.as_tensor(np.asarray(references), dtype=torch.float32)
+    W = torch.from_numpy(np.array(W, dtype=np.float32))
+    R = torch.from_numpy(np.array(references, dtype=np.float32))
     if W.shape[1] != R.shape[1]:
         raise RaysysError(f"generated models have {W.shape[1]} parameters but the training models have {R.shape[1]}: "
                           f"they are not the same architecture.")
@@ -164,7 +164,7 @@ def nearest(W, references, layout: Layout | None = None, align: bool = True) -> 
 
 def pairwise(W, layout: Layout | None = None, align: bool = False) -> np.ndarray:
     """Distances between all pairs (i < j) of a population [N, P]; aligned when asked."""
-    W = torch.as_tensor(np.asarray(W), dtype=torch.float32)
+    W = torch.from_numpy(np.array(W, dtype=np.float32))
     if len(W) < 2:
         return np.zeros(0)
     if not align:
@@ -179,7 +179,7 @@ def pairwise(W, layout: Layout | None = None, align: bool = False) -> np.ndarray
 def predict(arch: str, weights, x: torch.Tensor, activation: str, num_classes: int,
             batch_size: int = 1024) -> np.ndarray:
     """Predicted labels [N, len(x)] of each flat weight vector loaded into ``arch``."""
-    W = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
+    W = torch.from_numpy(np.array(weights, dtype=np.float32))
     model = architectures.build(arch, activation, 0.0, x.shape[1], num_classes).eval()
     preds = np.empty((len(W), len(x)), np.int64)
     for i in range(len(W)):
