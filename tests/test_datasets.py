@@ -95,7 +95,7 @@ def test_fontdigits_is_a_shifted_domain_of_digits(digits):
     split, while fontdigits itself is learnable: a real, measurable domain shift."""
     from sklearn.neighbors import KNeighborsClassifier
 
-    font = datasets.load("fontdigits")
+    font = datasets.load("fontdigits", per_class=150)
 
     def features(x):  # 14x14 average-pooled pixels: cheap, and enough to separate digits
         return torch.nn.functional.avg_pool2d(x, 2).reshape(len(x), -1).numpy()
@@ -288,12 +288,23 @@ def test_restricted_unpickler_refuses_code_execution(tmp_path):
     assert not marker.exists()
 
 
-def test_truncated_idx_is_a_clear_error(tmp_path):
+def test_corrupt_files_are_clear_errors(tmp_path):
     fmt.write_mnist_like(tmp_path, "MNIST", n_train=10, n_test=4)
     path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(RaysysError, match="truncated"):
         datasets.load("mnist", root=tmp_path)
+
+    fmt.write_mnist_like(tmp_path, "FashionMNIST", n_train=10, n_test=4, compress=True)
+    gz = tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:15])
+    with pytest.raises(RaysysError, match="t10k-labels-idx1-ubyte.gz could not be read"):
+        datasets.load("fmnist", root=tmp_path)
+
+    fmt.write_mnist_like(tmp_path / "m", "MNIST", n_train=10, n_test=4)
+    fmt.write_idx(tmp_path / "m" / "MNIST" / "raw" / "t10k-labels-idx1-ubyte", np.zeros(3, np.uint8))
+    with pytest.raises(RaysysError, match="4 images but 3 labels"):
+        datasets.load("mnist", root=tmp_path / "m")
 
 
 def test_root_from_environment(tmp_path, monkeypatch):
@@ -301,3 +312,28 @@ def test_root_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYSYS_DATA", str(tmp_path))
     assert len(datasets.load("mnist").x_test) == 4
     assert os.environ["RAYSYS_DATA"] == str(tmp_path)
+
+
+def test_download_fetches_verifies_and_extracts(tmp_path, monkeypatch):
+    """download=True end to end through urllib, from a file:// URL (no internet here)."""
+    import hashlib
+    import tarfile
+
+    src = tmp_path / "src"
+    truth = fmt.write_cifar10(src, n_per_batch=2, n_test=3)
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    url = archive.as_uri()
+
+    root = tmp_path / "root"
+    monkeypatch.setitem(datasets._SOURCES["cifar10"], "downloads", [(url, "cifar-10-python.tar.gz", "0" * 32)])
+    with pytest.raises(RaysysError, match="md5"):
+        datasets.load("cifar10", root=root, download=True)
+    assert not list(root.glob("*.part"))  # a failed download leaves nothing half-written
+
+    monkeypatch.setitem(datasets._SOURCES["cifar10"], "downloads", [(url, "cifar-10-python.tar.gz", md5)])
+    data = datasets.load("cifar10", root=root, download=True)
+    assert torch.equal(data.x_test, _u8(truth["test"][0]))
+    assert (root / "cifar-10-batches-py" / "test_batch").exists()
