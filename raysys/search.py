@@ -1,0 +1,1006 @@
+"""Hyperparameter search over the hyper-representation autoencoder and its KDE sampler.
+
+Ray Tune runs the trials, Optuna proposes them through a *define-by-run* space (so conditional
+parameters, like attention heads that must divide the sampled ``d_model``, are drawn only from
+valid values), ASHA stops weak single-objective trials early, and MLflow records one parent run
+per search with one child run per trial.
+
+Every objective is measured on the zoo's VALIDATION split (validation models, validation
+images); the test split is never read here, so the search cannot select on test:
+
+* ``recon_r2``   reconstruction R² of the validation models' weights (epoch window).
+* ``probe_r2``   R² of a linear probe for test accuracy: fitted on train-split latents,
+                 scored on validation-split latents.
+* ``sample_acc`` mean accuracy on the dataset's validation images of a population sampled with
+                 the trial's KDE bandwidth / top fraction, decoded, at epoch 0 (no fine-tuning).
+
+Layout of ``--out``::
+
+    search_config.yaml   the resolved search config (a resume checks it is unchanged)
+    state.json           MLflow parent run, tracking URI, zoo
+    tune/search/         the Ray Tune experiment (trial checkpoints, searcher state)
+    progress.json        live counts and best-so-far, rewritten as trials finish
+    results.csv          one row per trial: parameters, objectives, status
+    best_hyperrep.yaml   the best trial's autoencoder config (``raysys hyperrep train`` accepts it)
+    best_sampler.yaml    the best trial's sampler settings
+    best_model/          the best trial's trained autoencoder (its last checkpoint)
+    pareto.csv           the Pareto-optimal trials (multi-objective searches)
+    search.png           objective over trials, parameter importances, Pareto front
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import difflib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import numpy as np
+import yaml
+from pydantic import Field, model_validator
+
+from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
+from raysys.hyperrep.config import HyperRepConfig
+from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
+
+# --- the search space -------------------------------------------------------------------------
+
+# Short names for the HyperRepConfig fields people search over; any dotted path into
+# HyperRepConfig (e.g. "augment.erase_high") works too.
+ALIASES = {
+    "d_model": "model.d_model", "heads": "model.heads", "layers": "model.layers", "ff": "model.ff",
+    "latent_dim": "model.latent_dim", "dropout": "model.dropout",
+    "lr": "train.lr", "weight_decay": "train.weight_decay", "batch_size": "train.batch_size",
+    "beta": "loss.beta", "temperature": "loss.temperature", "contrastive": "loss.contrastive",
+    "lwln": "loss.lwln", "erase_p": "augment.erase_p", "noise_std": "augment.noise_std",
+    "permute": "augment.permute",
+}
+SAMPLER_PARAMS = ("bandwidth", "top_fraction")
+# Every objective is maximized.
+OBJECTIVES = {"recon_r2": "val_recon_r2", "probe_r2": "val_probe_r2", "sample_acc": "val_sample_acc"}
+
+
+class FloatRange(Config):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high}); swap them")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0 (got {self.low}); set log: false or a positive low")
+        return self
+
+    def suggest(self, trial, name):
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
+    def values(self):
+        return None  # continuous
+
+    def distribution(self):
+        import optuna
+        return optuna.distributions.FloatDistribution(self.low, self.high, log=self.log)
+
+
+class IntRange(Config):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, gt=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) is above high ({self.high}); swap them")
+        if self.log and (self.low <= 0 or self.step != 1):
+            raise ValueError("a log int range needs low > 0 and step 1; set log: false or fix low/step")
+        return self
+
+    def suggest(self, trial, name):
+        return trial.suggest_int(name, self.low, self.high, step=self.step, log=self.log)
+
+    def values(self):
+        return list(range(self.low, self.high + 1, self.step))
+
+    def distribution(self):
+        import optuna
+        return optuna.distributions.IntDistribution(self.low, self.high, log=self.log, step=self.step)
+
+
+class Categorical(Config):
+    type: Literal["categorical"]
+    choices: list[Union[bool, int, float, str]] = Field(min_length=1)
+
+    def suggest(self, trial, name):
+        return trial.suggest_categorical(name, self.choices)
+
+    def values(self):
+        return list(self.choices)
+
+    def distribution(self):
+        import optuna
+        return optuna.distributions.CategoricalDistribution(self.choices)
+
+
+Param = Annotated[Union[FloatRange, IntRange, Categorical], Field(discriminator="type")]
+
+
+class Resources(Config):
+    cpu: float = Field(1.0, gt=0, description="CPUs per trial (also the torch thread count)")
+    gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions share one GPU between trials")
+
+
+class Asha(Config):
+    enabled: bool = Field(True, description="early stopping; single-objective searches only")
+    grace_period: int = Field(1, gt=0, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1.0)
+
+
+class SamplerDefaults(Config):
+    """Sampler settings used when the space does not search them."""
+
+    bandwidth: Union[float, Literal["scott", "silverman"]] = "scott"
+    top_fraction: float = Field(0.3, gt=0.0, le=1.0)
+    num_models: int = Field(16, gt=0, description="models sampled per evaluation of sample_acc")
+
+
+class MlflowSettings(Config):
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<out>/mlflow.db (absolute)")
+    experiment: str = "raysys-search"
+
+
+class SearchConfig(Config):
+    base_config: str | None = Field(None, description="a hyperrep YAML the trials start from (relative to this file)")
+    base: dict[str, Any] = Field(default_factory=dict, description="HyperRepConfig overrides on top of base_config")
+    space: dict[str, Param] = Field(min_length=1)
+    sampler: SamplerDefaults = SamplerDefaults()
+    objectives: list[str] = Field(["recon_r2"], min_length=1)
+    num_samples: int = Field(8, gt=0, description="number of trials")
+    max_concurrent: int = Field(2, gt=0)
+    resources: Resources = Resources()
+    asha: Asha = Asha()
+    eval_every: int = Field(1, gt=0, description="epochs between objective evaluations (the last epoch always counts)")
+    seed: int = 0
+    mlflow: MlflowSettings = MlflowSettings()
+
+    @model_validator(mode="after")
+    def _check(self):
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown:
+            raise ValueError(f"unknown objective(s) {unknown}; choose from {list(OBJECTIVES)}")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"objectives {self.objectives} repeat a name; list each once")
+        for name in self.space:
+            if name in SAMPLER_PARAMS:
+                continue
+            try:
+                hyperrep_path(name)
+            except KeyError as err:
+                raise ValueError(str(err.args[0])) from None
+        if "top_fraction" in self.space:
+            spec = self.space["top_fraction"]
+            vals = [spec.low, spec.high] if isinstance(spec, FloatRange) else spec.values()
+            if any(not isinstance(v, (int, float)) or not 0 < v <= 1 for v in vals):
+                raise ValueError("space.top_fraction must stay within (0, 1]")
+        if "bandwidth" in self.space and isinstance(self.space["bandwidth"], FloatRange) and self.space["bandwidth"].low < 0:
+            raise ValueError("space.bandwidth must be >= 0")
+        return self
+
+    @property
+    def metrics(self) -> list[str]:
+        return [OBJECTIVES[o] for o in self.objectives]
+
+    @property
+    def primary(self) -> str:
+        return self.metrics[0]
+
+
+def hyperrep_path(name: str) -> str:
+    """The dotted HyperRepConfig path of a space key; KeyError with a suggestion when unknown."""
+    path = ALIASES.get(name, name)
+    node: Any = HyperRepConfig
+    for part in path.split("."):
+        fields = getattr(node, "model_fields", None)
+        if fields is None or part not in fields:
+            known = sorted([*ALIASES, *SAMPLER_PARAMS])
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" — did you mean '{close[0]}'?" if close else ""
+            raise KeyError(f"unknown search parameter '{name}'{hint} Use one of {', '.join(known)}, "
+                           f"or a dotted HyperRepConfig path such as 'augment.erase_high'")
+        node = fields[part].annotation
+    if isinstance(node, type) and hasattr(node, "model_fields"):
+        raise KeyError(f"search parameter '{name}' names a whole section ({path}); name one of its fields")
+    return path
+
+
+def set_path(data: dict, path: str, value) -> None:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        data = data.setdefault(p, {})
+    data[leaf] = value
+
+
+def get_path(config: Config, path: str):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+class DefineByRun:
+    """Optuna define-by-run space: ``space(trial) -> {"hyperrep": {...}, "sampler": {...}}``.
+
+    ``heads`` is drawn after ``d_model`` among the choices that divide it, under a parameter
+    name per d_model (``heads|d_model=64``): Optuna forbids one name with changing choices.
+    A plain picklable object, because Tune saves the searcher (and so this) with the experiment.
+    """
+
+    def __init__(self, search: SearchConfig, base: HyperRepConfig):
+        self.space = dict(search.space)
+        self.d_key = next((k for k in self.space if hyperrep_path(k) == "model.d_model"), None) \
+            if any(k not in SAMPLER_PARAMS for k in self.space) else None
+        self.h_key = next((k for k in self.space if k not in SAMPLER_PARAMS and hyperrep_path(k) == "model.heads"), None)
+        self.base_d, self.base_h = base.model.d_model, base.model.heads
+        self.heads_values = self.space[self.h_key].values() if self.h_key else [self.base_h]
+        self.d_values = self.space[self.d_key].values() if self.d_key else [self.base_d]
+        order = [k for k in self.space if k != self.h_key]
+        self.order = order + ([self.h_key] if self.h_key else [])
+
+    def check(self) -> None:
+        if self.d_key and self.d_values is None:
+            raise ConfigError(f"space.{self.d_key} must be an int range or categorical (it is a width), not a float range.")
+        if self.h_key and self.heads_values is None:
+            raise ConfigError(f"space.{self.h_key} must be an int range or categorical, not a float range.")
+        bad = [d for d in self.d_values if not self.valid_heads(d)]
+        if bad:
+            shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")
+            heads = ", ".join(map(str, self.heads_values))
+            raise ConfigError(
+                f"no heads choice ({heads}) divides d_model value(s) {shown}. Attention heads must divide d_model: "
+                f"make d_model a categorical of multiples of the heads (e.g. choices [32, 64, 128]) or give an int "
+                f"range a step that is a multiple of them, or add 1 to the heads choices.")
+
+    def valid_heads(self, d_model: int) -> list:
+        return [h for h in self.heads_values if isinstance(h, int) and h > 0 and d_model % h == 0]
+
+    def __call__(self, trial) -> dict:
+        hyperrep, sampler = {}, {}
+        d_model = self.base_d
+        for key in self.order:
+            if key == self.h_key:
+                valid = self.valid_heads(d_model)
+                name = key if not self.d_key else f"{key}|d_model={d_model}"
+                value = trial.suggest_categorical(name, valid)
+            else:
+                value = self.space[key].suggest(trial, key)
+            if key == self.d_key:
+                d_model = value
+            if key in SAMPLER_PARAMS:
+                sampler[key] = value
+            else:
+                hyperrep[key] = value
+        return {"hyperrep": hyperrep, "sampler": sampler}
+
+    def distributions(self) -> dict:
+        """One distribution per space key (heads over all its choices), to rebuild a study."""
+        import optuna
+        out = {k: spec.distribution() for k, spec in self.space.items()}
+        if self.h_key:
+            out[self.h_key] = optuna.distributions.CategoricalDistribution(self.heads_values)
+        return out
+
+
+def base_hyperrep(search: SearchConfig, config_dir: Path | None = None) -> HyperRepConfig:
+    """The fixed HyperRepConfig every trial starts from: ``base_config`` file, then ``base``."""
+    data: dict = {}
+    if search.base_config:
+        path = Path(search.base_config)
+        if not path.is_absolute() and not path.exists() and config_dir is not None:
+            path = config_dir / path
+        data = read_yaml(path)
+    data = _merge(data, search.base)
+    return validate(HyperRepConfig, data, source=f"search base ({search.base_config or 'inline'})")
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def trial_hyperrep(base: HyperRepConfig, params: dict) -> HyperRepConfig:
+    data = base.model_dump(mode="json")
+    for key, value in params.items():
+        set_path(data, hyperrep_path(key), value)
+    return validate(HyperRepConfig, data, source="trial parameters")
+
+
+def trial_sampler(search: SearchConfig, params: dict) -> dict:
+    return {"bandwidth": params.get("bandwidth", search.sampler.bandwidth),
+            "top_fraction": params.get("top_fraction", search.sampler.top_fraction),
+            "num_models": search.sampler.num_models}
+
+
+def load_search(path: str | Path, overrides: list[str] | None = None) -> tuple[SearchConfig, HyperRepConfig]:
+    """Read and fully validate a search config, including the space against its base."""
+    path = Path(path)
+    search = validate(SearchConfig, apply_overrides(read_yaml(path), overrides), source=str(path))
+    return search, check_search(search, path.parent)
+
+
+def check_search(search: SearchConfig, config_dir: Path | None = None) -> HyperRepConfig:
+    """Check the space against the base config; every range end and choice must make a valid trial."""
+    base = base_hyperrep(search, config_dir)
+    space = DefineByRun(search, base)
+    space.check()
+    for key, spec in search.space.items():
+        if key in SAMPLER_PARAMS or key in (space.d_key, space.h_key):
+            continue
+        for value in ([spec.low, spec.high] if isinstance(spec, (FloatRange, IntRange)) else spec.values()):
+            try:
+                trial_hyperrep(base, {key: value})
+            except ConfigError as err:
+                raise ConfigError(f"space.{key} allows {value!r}, which the autoencoder config rejects:\n{err}\n"
+                                  f"Narrow the range of space.{key}.") from None
+    for d in space.d_values:
+        for h in space.valid_heads(d)[:1]:
+            trial_hyperrep(base, {k: v for k, v in ((space.d_key, d), (space.h_key, h)) if k})
+    return base
+
+
+def resolved(search: SearchConfig, base: HyperRepConfig) -> SearchConfig:
+    """The search with its base config inlined: self-contained, so a resume needs no other file."""
+    return search.model_copy(update={"base_config": None, "base": base.model_dump(mode="json")})
+
+
+# --- objectives (validation split only) -------------------------------------------------------
+
+R2_FLOOR = -1.0  # R² below this (or undefined) is reported as this: finite values keep Optuna's TPE well-behaved
+
+
+class Objectives:
+    """The validation objectives of an autoencoder on one zoo; the zoo rows are read once per trial.
+
+    Rows are the zoo states inside the autoencoder's epoch window (its training data), as in 000 §4.1.
+    """
+
+    def __init__(self, zoo_dir: str | Path, hyperrep: HyperRepConfig, sampler: dict, objectives: list[str],
+                 seed: int = 0):
+        zoo = open_zoo(zoo_dir)
+        self.layout, self.objectives, self.sampler, self.seed = zoo.layout, objectives, sampler, seed
+        self.epochs = window_epochs(zoo, hyperrep)
+        self.w_val, f_val = _usable(*zoo.weights(self.epochs, ["val"]))
+        if len(self.w_val) == 0:
+            raise RaysysError(f"zoo {zoo_dir} has no usable validation-split models at epochs {self.epochs}; "
+                              f"the search scores on the validation split. Use a zoo with more models.")
+        self.y_val = f_val["test_acc"].to_numpy()
+        if {"probe_r2", "sample_acc"} & set(objectives):
+            self.w_train, f_train = _usable(*zoo.weights(self.epochs, ["train"]))
+            self.y_train = f_train["test_acc"].to_numpy()
+            self.val_acc_train = f_train["val_acc"].to_numpy()  # the sampler's top fraction ranks by validation accuracy
+            self.activation = f_train["activation"].mode().iloc[0]
+        if "sample_acc" in objectives:
+            import dataclasses
+            from raysys.hyperrep.evaluate import zoo_dataset
+            data = zoo_dataset(zoo.manifest)
+            # accuracies() scores the "test" images of the data it gets: hand it the validation images.
+            self.val_images = dataclasses.replace(data, x_test=data.x_val, y_test=data.y_val)
+
+    def __call__(self, hr) -> dict[str, float]:
+        from raysys.hyperrep.evaluate import accuracies, decode, encode, reconstruction_r2
+        from raysys.populations.samplers import KDESampler
+        from raysys.probes import LinearProbe
+
+        out = {}
+        if "recon_r2" in self.objectives:
+            w_hat = decode(hr, encode(hr, self.w_val))
+            out["val_recon_r2"] = _floor(reconstruction_r2(self.w_val, w_hat, self.layout)["overall"])
+        if "probe_r2" in self.objectives or "sample_acc" in self.objectives:
+            z_train = encode(hr, self.w_train)
+        if "probe_r2" in self.objectives:
+            z_val = encode(hr, self.w_val)
+            probe = LinearProbe().fit(z_train, self.y_train, z_val, self.y_val)
+            out["val_probe_r2"] = _floor(probe.score(z_val, self.y_val)["r2"])
+        if "sample_acc" in self.objectives:
+            kde = KDESampler(self.sampler["bandwidth"], self.sampler["top_fraction"], random_state=self.seed)
+            z = kde.fit(z_train, self.val_acc_train).sample(self.sampler["num_models"])
+            weights = decode(hr, z)
+            acc = accuracies(self.layout, weights, [self.activation] * len(weights), self.val_images)
+            out["val_sample_acc"] = float(np.mean(acc))
+        return out
+
+
+def window_epochs(zoo, hyperrep: HyperRepConfig) -> list[int]:
+    first, last = hyperrep.train.epoch_window
+    stored = sorted(int(e) for e in zoo.frame(splits=["val"])["epoch"].unique())
+    epochs = [e for e in stored if first <= e <= last]
+    if not epochs:
+        raise RaysysError(f"the zoo stores epochs {stored[0]}..{stored[-1]} but the autoencoder's epoch_window is "
+                          f"[{first}, {last}]. Set base.train.epoch_window to stored epochs, e.g. "
+                          f"--set base.train.epoch_window=[{stored[-1]},{stored[-1]}].")
+    return epochs
+
+
+def _usable(weights: np.ndarray, frame):
+    keep = np.isfinite(weights).all(axis=1) & ~frame["diverged"].to_numpy()
+    return weights[keep], frame[keep].reset_index(drop=True)
+
+
+def _floor(value: float) -> float:
+    return R2_FLOOR if not np.isfinite(value) else max(float(value), R2_FLOOR)
+
+
+# --- one trial (runs in a Ray worker) ---------------------------------------------------------
+
+STATE = "trial_state.json"  # in every trial checkpoint: epoch, objectives, whether training finished
+
+
+def run_trial(config: dict, search: dict, zoo_dir: str) -> None:
+    """Train one autoencoder, report objectives to Tune each evaluation epoch with a checkpoint.
+
+    ``config`` is what :class:`DefineByRun` returned (plus Optuna's raw parameter names, ignored).
+    """
+    import ray.tune
+    import torch
+
+    from raysys.hyperrep.model import HyperRepresentation
+    from raysys.hyperrep.train import train
+
+    search = SearchConfig.model_validate(search)
+    torch.set_num_threads(max(1, int(search.resources.cpu)))
+    hyperrep = trial_hyperrep(HyperRepConfig.model_validate(search.base), config["hyperrep"])
+    if search.resources.gpu > 0 and hyperrep.train.device == "auto":
+        hyperrep = hyperrep.model_copy(update={"train": hyperrep.train.model_copy(update={"device": "cuda"})})
+    sampler = trial_sampler(search, config["sampler"])
+    objectives = Objectives(zoo_dir, hyperrep, sampler, search.objectives, seed=search.seed)
+
+    work = Path(tempfile.mkdtemp(prefix="raysys-trial-"))
+    try:
+        restored = ray.tune.get_checkpoint()
+        if restored is not None:
+            with restored.as_directory() as d:
+                state = json.loads((Path(d) / STATE).read_text())
+                if state.get("completed"):  # interrupted after training ended: report the result again
+                    ray.tune.report(state["result"], checkpoint=restored)
+                    return
+        # hyperrep.train has no resume: an interrupted trial trains again from epoch 0.
+
+        last = {"ckpt_epoch": None, "values": {}, "result": None}
+
+        def evaluate(epoch: int) -> dict:
+            if not (work / "config.json").exists():  # no checkpoint yet (validation loss never finite)
+                return {}
+            hr = HyperRepresentation.load(work)  # the best-so-far checkpoint (train keeps the best by val rec)
+            if hr.meta.get("epoch") != last["ckpt_epoch"]:
+                last["values"], last["ckpt_epoch"] = objectives(hr), hr.meta.get("epoch")
+            return last["values"]
+
+        def report(epoch: int, metrics: dict) -> None:
+            result = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            result.update(epoch=epoch, completed=0)
+            if epoch % search.eval_every == 0 or epoch == hyperrep.train.epochs:
+                result.update(evaluate(epoch))
+            _report(result, work)
+            last["result"] = result
+
+        with _no_nested_tracking():
+            train(hyperrep, zoo_dir, work, tracking_uri=None, report=report, progress=False)
+        final = dict(last["result"], completed=1)
+        final.update(evaluate(final["epoch"]))  # early stop (patience) may end between evaluations
+        _report(final, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _no_nested_tracking():
+    """The trial's MLflow run is the search's child run, logged by the driver. hyperrep.train turns
+    ``tracking_uri=None`` into ``./mlflow.db`` (via raysys.tracking's default), which inside a trial
+    means a fresh sqlite database in Tune's working directory per trial (seconds of schema setup).
+    Switch that off for the duration of the call; a no-op once train honours None."""
+    from raysys.hyperrep import train as hyperrep_train
+
+    original = getattr(hyperrep_train, "_resolve_tracking_uri", None)
+    if original is None or original(None) is None:
+        yield
+        return
+    hyperrep_train._resolve_tracking_uri = lambda uri: None if uri is None else original(uri)
+    try:
+        yield
+    finally:
+        hyperrep_train._resolve_tracking_uri = original
+
+
+def _report(result: dict, work: Path) -> None:
+    import ray.tune
+
+    atomic_write_json(work / STATE, {"completed": bool(result.get("completed")), "result": result})
+    ray.tune.report(result, checkpoint=ray.tune.Checkpoint.from_directory(str(work)))
+
+
+# --- driver side: Tune callbacks for progress and MLflow ----------------------------------------
+
+# Keys Tune adds to every result; everything else a trial reports is a metric worth logging.
+TUNE_KEYS = {"training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
+             "iterations_since_restore", "done", "trial_id", "date", "hostname", "node_ip", "experiment_tag",
+             "checkpoint_dir_name", "should_checkpoint", "config", "completed", "epoch"}
+
+
+def _trial_status(trial, max_epochs: int) -> str:
+    """pending / running / completed / pruned (stopped early by ASHA) / errored."""
+    from ray.tune.experiment import Trial
+
+    if trial.status == Trial.ERROR:
+        return "errored"
+    if trial.status == Trial.TERMINATED:
+        last = trial.last_result or {}
+        return "completed" if last.get("completed") else "pruned"
+    if trial.status == Trial.RUNNING:
+        return "running"
+    return "pending"
+
+
+def _finished_status(trial) -> str:
+    """completed (trained to the end) or pruned (stopped by the scheduler), for a trial that just ended."""
+    return "completed" if (trial.last_result or {}).get("completed") else "pruned"
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"  # Tune's default repeats every parameter and outgrows path limits
+
+
+def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking_uri: str, parent_run_id: str,
+                    experiment_id: str):
+    from ray.tune import Callback
+
+    class Progress(Callback):
+        """One compact line per trial event, and ``progress.json`` for tools that poll."""
+
+        def __init__(self):
+            self.best: tuple[float, str] | None = None
+
+        def _update(self, trials, trial, event: str, final: str | None = None):
+            # Tune calls on_trial_complete/error before it updates the trial's status: pass it in.
+            counts = {s: 0 for s in ("completed", "pruned", "running", "pending", "errored")}
+            for t in trials:
+                counts[final if final and t is trial else _trial_status(t, max_epochs)] += 1
+            for t in trials:
+                value = (t.last_result or {}).get(search.primary)
+                if value is not None and np.isfinite(value) and (self.best is None or value > self.best[0]):
+                    self.best = (float(value), t.trial_id)
+            done = counts["completed"] + counts["pruned"] + counts["errored"]
+            best = f"best {search.primary}={self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
+            print(f"[search] {event:<9} {trial.trial_id}  done {done}/{search.num_samples} "
+                  f"(pruned {counts['pruned']}, errored {counts['errored']}), running {counts['running']} | {best}",
+                  flush=True)
+            atomic_write_json(Path(out) / "progress.json",
+                              {**counts, "done": done, "num_samples": search.num_samples, "metric": search.primary,
+                               "best": None if self.best is None else {"value": self.best[0], "trial_id": self.best[1]},
+                               "time": time.time()})
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._update(trials, trial, "started", "running")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            status = _finished_status(trial)
+            self._update(trials, trial, status, status)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._update(trials, trial, "errored", "errored")
+
+    class MlflowChildren(Callback):
+        """One child run per trial under the search's parent run, written from the driver only
+        (a single writer keeps a sqlite tracking database safe). A resumed trial finds its run by tag."""
+
+        def __init__(self):
+            self.runs: dict[str, str] = {}
+
+        def _client(self):
+            from raysys.tracking import client
+            return client(tracking_uri)
+
+        def _run_id(self, trial) -> str:
+            if trial.trial_id in self.runs:
+                return self.runs[trial.trial_id]
+            c = self._client()
+            found = c.search_runs([experiment_id], filter_string=(
+                f"tags.raysys_trial_id = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"))
+            if found:
+                run_id = found[0].info.run_id
+                c.update_run(run_id, "RUNNING")
+            else:
+                from raysys.tracking import flatten_params
+                from mlflow.entities import Param
+                run = c.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags={
+                    "mlflow.parentRunId": parent_run_id, "raysys_trial_id": trial.trial_id, "raysys.stage": "search-trial"})
+                run_id = run.info.run_id
+                params = flatten_params({k: trial.config.get(k, {}) for k in ("hyperrep", "sampler")})
+                items = [Param(k, v) for k, v in params.items()]
+                for i in range(0, len(items), 100):
+                    c.log_batch(run_id, params=items[i:i + 100])
+            self.runs[trial.trial_id] = run_id
+            return run_id
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._run_id(trial)
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            step = int(result.get("epoch", result.get("training_iteration", 0)))
+            metrics = [Metric(k, float(v), now, step) for k, v in result.items()
+                       if k not in TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and math.isfinite(v)]
+            if metrics:
+                self._client().log_batch(self._run_id(trial), metrics=metrics)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            c, run_id = self._client(), self._run_id(trial)
+            c.set_tag(run_id, "raysys.status", _finished_status(trial))
+            c.set_terminated(run_id, "FINISHED")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            c, run_id = self._client(), self._run_id(trial)
+            c.set_tag(run_id, "raysys.status", "errored")
+            c.set_terminated(run_id, "FAILED")
+
+    return [Progress(), MlflowChildren()]
+
+
+def _optuna_searcher(search: SearchConfig, space: DefineByRun):
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    class Searcher(OptunaSearch):
+        # Intermediate results between evaluation epochs carry no objective; Optuna only sees the rest.
+        def on_trial_result(self, trial_id, result):
+            if isinstance(self.metric, str) and self.metric not in result:
+                return
+            super().on_trial_result(trial_id, result)
+
+    multi = len(search.metrics) > 1
+    searcher = Searcher(space=space, metric=search.metrics if multi else search.primary,
+                        mode=["max"] * len(search.metrics) if multi else "max", seed=search.seed)
+    return ConcurrencyLimiter(searcher, max_concurrent=search.max_concurrent)
+
+
+def _scheduler(search: SearchConfig, max_epochs: int):
+    """ASHA on the single objective; multi-objective searches run every trial to the end (ASHA
+    ranks trials on one number, which a Pareto front does not give)."""
+    if len(search.metrics) > 1 or not search.asha.enabled:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+    return ASHAScheduler(time_attr="epoch", metric=search.primary, mode="max", max_t=max_epochs,
+                         grace_period=min(search.asha.grace_period, max_epochs),
+                         reduction_factor=search.asha.reduction_factor)
+
+
+def _max_epochs(search: SearchConfig, base: HyperRepConfig) -> int:
+    """The longest a trial can train: ASHA's max_t."""
+    for key, spec in search.space.items():
+        if key not in SAMPLER_PARAMS and hyperrep_path(key) == "train.epochs":
+            return int(spec.high if isinstance(spec, IntRange) else max(spec.values()))
+    return base.train.epochs
+
+
+def _ensure_ray(search: SearchConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+    have = ray.cluster_resources()
+    if search.resources.gpu > 0 and have.get("GPU", 0) < search.resources.gpu:
+        raise RaysysError(f"resources.gpu={search.resources.gpu} per trial but the Ray cluster has "
+                          f"{have.get('GPU', 0)} GPUs, so no trial could start. Use --set resources.gpu=0 here.")
+    if have.get("CPU", 0) < search.resources.cpu:
+        raise RaysysError(f"resources.cpu={search.resources.cpu} per trial but the Ray cluster has "
+                          f"{have.get('CPU', 0)} CPUs. Use e.g. --set resources.cpu=1.")
+
+
+def _start_parent(search: SearchConfig, tracking_uri: str, out: Path, zoo_dir: str) -> dict:
+    from raysys.tracking import client, flatten_params
+    from mlflow.entities import Param
+
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(search.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(
+        search.mlflow.experiment, artifact_location=_artifact_location(tracking_uri))
+    run = c.create_run(exp_id, run_name=f"search-{out.name}",
+                       tags={"raysys.stage": "search", "raysys.out": str(out), "raysys.zoo": zoo_dir})
+    params = flatten_params({"search": search.model_dump(mode="json", exclude={"base"}), "zoo": zoo_dir})
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run.info.run_id, params=items[i:i + 100])
+    c.log_dict(run.info.run_id, search.base, "base_hyperrep.json")
+    return {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": run.info.run_id, "zoo": zoo_dir}
+
+
+def _artifact_location(uri: str) -> str | None:
+    # Next to the sqlite file: MLflow's default (./mlruns) would land in whatever the cwd is.
+    return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:///") else None
+
+
+# --- the search ---------------------------------------------------------------------------------
+
+def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, resume: bool = False,
+               tracking_uri: str | None = None, config_dir: Path | None = None) -> dict:
+    """Run (or resume) a search; write the outputs listed in the module docstring; return a summary."""
+    from ray import tune
+    from raysys.tracking import resolve_tracking_uri
+
+    out, zoo_dir = Path(out_dir).resolve(), str(Path(zoo_dir).resolve())
+    exp_path = out / "tune" / "search"
+    base = check_search(search, config_dir)
+    search = resolved(search, base)
+    saved = out / "search_config.yaml"
+    if resume:
+        if not (tune.Tuner.can_restore(str(exp_path)) and (out / "state.json").exists()):
+            raise RaysysError(f"--resume: no search to resume in {out}. Run without --resume to start one.")
+        previous = validate(SearchConfig, read_yaml(saved), source=str(saved))
+        if previous != search:
+            changed = sorted(k for k in type(search).model_fields if getattr(previous, k) != getattr(search, k))
+            raise RaysysError(f"--resume: the search config differs from the one {out} was started with "
+                              f"(changed: {', '.join(changed)}). Resume with the original config ({saved}), "
+                              f"or start a new search with another --out.")
+        state = json.loads((out / "state.json").read_text())
+        if state["zoo"] != zoo_dir:
+            raise RaysysError(f"--resume: this search ran on zoo {state['zoo']}, not {zoo_dir}. Pass --zoo {state['zoo']}.")
+    else:
+        if exp_path.exists():
+            raise RaysysError(f"{out} already holds a search. Add --resume to continue it, or choose a new --out.")
+        window_epochs(open_zoo(zoo_dir), base)  # a wrong window fails here, not in every trial
+        uri = resolve_tracking_uri(tracking_uri or search.mlflow.tracking_uri or f"sqlite:///{out / 'mlflow.db'}")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(saved, yaml.safe_dump(search.model_dump(mode="json"), sort_keys=False).encode())
+        state = _start_parent(search, uri, out, zoo_dir)
+        atomic_write_json(out / "state.json", state)
+
+    _ensure_ray(search)
+    space = DefineByRun(search, base)
+    max_epochs = _max_epochs(search, base)
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, search=search.model_dump(mode="json"), zoo_dir=zoo_dir),
+        {"cpu": search.resources.cpu, "gpu": search.resources.gpu})
+    from raysys.tracking import client as mlflow_client
+    client = mlflow_client(state["tracking_uri"])
+    client.update_run(state["parent_run_id"], "RUNNING")
+    # A checkpoint per evaluation forces an experiment snapshot (num_to_keep=1): intended, not a warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started = time.time()
+    if resume:
+        print(f"[search] resuming {exp_path}", flush=True)
+        tuner = tune.Tuner.restore(str(exp_path), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=_optuna_searcher(search, space), scheduler=_scheduler(search, max_epochs),
+                                        num_samples=search.num_samples, trial_dirname_creator=_trial_dirname,
+                                        reuse_actors=True),  # no process start + imports per trial
+            run_config=tune.RunConfig(
+                name=exp_path.name, storage_path=str(exp_path.parent), verbose=0,
+                callbacks=_make_callbacks(str(out), search, max_epochs, state["tracking_uri"],
+                                          state["parent_run_id"], state["experiment_id"]),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    summary = summarize(grid, search, base, space, out, max_epochs)
+    summary["wall_seconds_this_run"] = time.time() - started
+    _finish_parent(client, state, summary, out)
+    return summary
+
+
+# --- results, exports, plot ---------------------------------------------------------------------
+
+def summarize(grid, search: SearchConfig, base: HyperRepConfig, space: DefineByRun, out: Path, max_epochs: int) -> dict:
+    """Results table, best trial, Pareto front, exported configs and the plot, from the Tune experiment."""
+    import pandas as pd
+    from ray.tune import ExperimentAnalysis
+
+    trials = ExperimentAnalysis(str(out / "tune" / "search")).trials
+    rows = []
+    for index, trial in enumerate(trials):
+        last = trial.last_result or {}
+        config = trial.config or {}
+        rows.append({"trial": index, "trial_id": trial.trial_id, "status": _trial_status(trial, max_epochs),
+                     "epochs": last.get("epoch"),
+                     **{k: v for k, v in (config.get("hyperrep") or {}).items()},
+                     **{k: v for k, v in (config.get("sampler") or {}).items()},
+                     **{m: last.get(m) for m in search.metrics}})
+    frame = pd.DataFrame(rows)
+    atomic_write_bytes(out / "results.csv", frame.to_csv(index=False).encode())
+
+    finished = frame[frame["status"].isin(["completed", "pruned"])].dropna(subset=search.metrics) if len(frame) else frame
+    pool = finished[finished["status"] == "completed"] if (finished["status"] == "completed").any() else finished
+    summary: dict[str, Any] = {"trials": len(frame), "num_samples": search.num_samples,
+                               "status": frame["status"].value_counts().to_dict() if len(frame) else {},
+                               "objectives": search.metrics, "interrupted": bool(len(frame) < search.num_samples or
+                                                                                 frame["status"].isin(["running", "pending"]).any())}
+    front = pareto_front(pool[search.metrics].to_numpy(float)) if len(pool) else np.zeros(0, int)
+    if len(front):
+        front_rows = pool.iloc[front]
+        atomic_write_bytes(out / "pareto.csv", front_rows.to_csv(index=False).encode())
+        best = front_rows.sort_values(search.metrics, ascending=False).iloc[0]
+        params = {k: _plain(best[k]) for k in search.space}
+        best_cfg = trial_hyperrep(base, {k: v for k, v in params.items() if k not in SAMPLER_PARAMS})
+        best_sampler = trial_sampler(search, {k: v for k, v in params.items() if k in SAMPLER_PARAMS})
+        atomic_write_bytes(out / "best_hyperrep.yaml",
+                           yaml.safe_dump(best_cfg.model_dump(mode="json"), sort_keys=False).encode())
+        # The "sampling" section of a populations config (configs/populations/*.yaml).
+        atomic_write_bytes(out / "best_sampler.yaml", yaml.safe_dump({"sampling": {
+            k: _plain(best_sampler[k]) for k in SAMPLER_PARAMS}}, sort_keys=False).encode())
+        best_trial = next(t for t in trials if t.trial_id == best["trial_id"])
+        if best_trial.checkpoint is not None:
+            target = out / "best_model"
+            shutil.rmtree(target, ignore_errors=True)
+            best_trial.checkpoint.to_directory(str(target))
+        summary.update(best={"trial_id": best["trial_id"], "params": params,
+                             **{m: float(best[m]) for m in search.metrics}},
+                       pareto=[{"trial_id": r["trial_id"], **{m: float(r[m]) for m in search.metrics}}
+                               for _, r in front_rows.iterrows()])
+    importances = param_importances(finished, search, space)
+    summary["importances"] = importances
+    plot_search(frame, search, importances, front_rows if len(front) else None, out / "search.png")
+    atomic_write_json(out / "summary.json", _jsonable(summary))
+    return summary
+
+
+def pareto_front(values: np.ndarray) -> np.ndarray:
+    """Indices of the rows no other row dominates (every objective maximized)."""
+    keep = []
+    for i, v in enumerate(values):
+        dominated = np.any(np.all(values >= v, axis=1) & np.any(values > v, axis=1))
+        if not dominated:
+            keep.append(i)
+    return np.asarray(keep, int)
+
+
+def param_importances(finished, search: SearchConfig, space: DefineByRun) -> dict[str, dict[str, float]]:
+    """fANOVA importances per objective, from an Optuna study rebuilt from the finished trials."""
+    import optuna
+
+    varying = [k for k in search.space if k in finished and finished[k].nunique() > 1]
+    if len(finished) < 3 or not varying:
+        return {}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    dists = space.distributions()
+    study = optuna.create_study(directions=["maximize"] * len(search.metrics))
+    for _, row in finished.iterrows():
+        study.add_trial(optuna.trial.create_trial(
+            params={k: _plain(row[k]) for k in search.space}, distributions=dists,
+            values=[float(row[m]) for m in search.metrics]))
+    out = {}
+    for i, metric in enumerate(search.metrics):
+        try:
+            imp = optuna.importance.get_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=search.seed),
+                params=varying, target=lambda t, i=i: t.values[i])
+            out[metric] = {k: float(v) for k, v in imp.items()}
+        except (RuntimeError, ValueError):  # e.g. a constant objective: nothing to attribute
+            out[metric] = {}
+    return out
+
+
+def plot_search(frame, search: SearchConfig, importances: dict, front, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    multi = len(search.metrics) > 1
+    fig, axes = plt.subplots(1, 3 if multi else 2, figsize=(15 if multi else 10, 4))
+    ax = axes[0]
+    colours = {"completed": "C0", "pruned": "C1", "errored": "C3", "running": "C7", "pending": "C7"}
+    for metric, marker in zip(search.metrics, "os^"):
+        if metric not in frame or frame[metric].isna().all():
+            continue
+        ax.scatter(frame["trial"], frame[metric], c=[colours[s] for s in frame["status"]], marker=marker,
+                   label=metric)
+    primary = frame[search.primary].astype(float) if search.primary in frame else None
+    if primary is not None and primary.notna().any():
+        ax.plot(frame["trial"], primary.cummax(), "k-", lw=1, label=f"best {search.primary}")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("validation objective")
+    ax.set_title("objectives over trials (orange: pruned)")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    imp = importances.get(search.primary, {})
+    if imp:
+        names = list(imp)[::-1]
+        ax.barh(names, [imp[n] for n in names])
+        ax.set_title(f"parameter importance for {search.primary} (fANOVA)")
+    else:
+        ax.text(0.5, 0.5, "importances need >= 3 finished trials\nwith varying parameters", ha="center", va="center")
+        ax.set_axis_off()
+    if multi:
+        ax = axes[2]
+        x, y = search.metrics[:2]
+        ax.scatter(frame[x], frame[y], c="C7", label="trials")
+        if front is not None:
+            f = front.sort_values(x)
+            ax.plot(f[x], f[y], "C3o-", label="Pareto front")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title("Pareto front")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _finish_parent(client, state: dict, summary: dict, out: Path) -> None:
+    from mlflow.entities import Metric
+
+    run_id = state["parent_run_id"]
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"best_{m}", v, now, 0) for m, v in (summary.get("best") or {}).items()
+               if m in OBJECTIVES.values()]
+    metrics += [Metric("trials", float(summary["trials"]), now, 0)]
+    client.log_batch(run_id, metrics=metrics)
+    for name in ("best_hyperrep.yaml", "best_sampler.yaml", "results.csv", "pareto.csv", "search.png", "summary.json"):
+        if (out / name).exists():
+            client.log_artifact(run_id, str(out / name))
+    client.set_terminated(run_id, "KILLED" if summary["interrupted"] else "FINISHED")
+
+
+def _plain(value):
+    """numpy/pandas scalars -> Python ones (YAML, Optuna and JSON want plain types)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return _plain(obj)
+
+
+# --- CLI --------------------------------------------------------------------------------------
+
+def _run(args) -> int:
+    search, _ = load_search(args.config, args.set)
+    summary = run_search(search, args.zoo, args.out, resume=args.resume, tracking_uri=args.tracking_uri,
+                         config_dir=Path(args.config).resolve().parent)
+    out = Path(args.out)
+    print(f"[search] {summary['trials']}/{summary['num_samples']} trials: "
+          + ", ".join(f"{k} {v}" for k, v in summary["status"].items()), flush=True)
+    if summary.get("best"):
+        best = summary["best"]
+        print("[search] best " + ", ".join(f"{m}={best[m]:.4f}" for m in summary["objectives"])
+              + f" (trial {best['trial_id']}): " + ", ".join(f"{k}={v}" for k, v in best["params"].items()))
+        print(f"[search] wrote {out / 'best_hyperrep.yaml'} (raysys hyperrep train accepts it), "
+              f"{out / 'best_sampler.yaml'}, {out / 'search.png'}")
+    if summary["interrupted"]:
+        print(f"[search] interrupted; continue with the same command plus --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("search", help="hyperparameter search over the autoencoder and its sampler (Ray Tune + Optuna)",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="search config YAML (see configs/search/)")
+    p.add_argument("--zoo", required=True, help="zoo directory written by 'raysys zoo generate'")
+    p.add_argument("--out", required=True, help="output directory (Tune experiment, results, best config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set num_samples=4 (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow URI (default: mlflow.tracking_uri in the config, else sqlite:///<out>/mlflow.db)")
+    p.set_defaults(func=_run)
