@@ -43,7 +43,17 @@ def write_tiny_zoo(root, per_activation: int = 10):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def one_thread():
+    # Tiny tensors: on a shared 2-core machine, torch's intra-op threads only add contention
+    # (measured 40x slower zoo training under load with the default thread count).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, one_thread):
     from raysys.hyperrep.train import train
 
     root = tmp_path_factory.mktemp("hyperrep_eval")
