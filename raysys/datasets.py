@@ -442,7 +442,7 @@ def _require(name: str, root: Path, files: list[Path]) -> None:
         raise RaysysError(
             f"dataset '{name}': missing file(s) {', '.join(missing)} (torchvision layout under root {root}). "
             f"Get them with torchvision.datasets.{tv}('{root}', {split}, download=True) on a machine with "
-            f"internet and copy the folder here, or pass download=True (config: dataset.download: true).")
+            f"internet and copy the folder here, or pass download=True (zoo config: dataset.options.download: true).")
 
 
 def _idx_file(folder: Path, stem: str) -> Path:
