@@ -1,0 +1,30 @@
+"""Job: generate (or resume) a model zoo on the cluster's Ray Train workers.
+
+    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+        python jobs/zoo.py --config configs/zoo/digits_seed.yaml --out /mnt/shared/zoos/digits
+"""
+import _common
+
+
+def run():
+    from raysys import zoo
+
+    p = _common.parser(__doc__.splitlines()[0])
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the config's)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
+    args = p.parse_args()
+    overrides = list(args.set or [])
+    if args.tracking_uri:
+        overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
+    if args.workers:
+        overrides.append(f"resources.num_workers={args.workers}")
+    if args.gpu:
+        overrides.append("resources.use_gpu=true")
+    out = _common.local_out(args.out)
+    _common.connect(args.address)
+    manifest = zoo.generate(args.config, out, overrides, progress=False)
+    print(f"raysys job: zoo {manifest['name']} complete: {manifest['num_models']} models in {out}", flush=True)
+
+
+if __name__ == "__main__":
+    _common.main(run)

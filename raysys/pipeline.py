@@ -1,0 +1,411 @@
+"""One command for the whole flow: zoo -> hyper-representation -> populations -> report.
+
+    raysys pipeline configs/pipeline/demo.yaml --out runs/demo
+
+Output directory::
+
+    DIR/zoo/                 the model zoo (raysys zoo generate)            + stage.json
+    DIR/hyperrep/            autoencoder checkpoint, eval/ (probes, figures) + stage.json
+    DIR/hyperrep_nolwln/     the same without LWLN, for the B_KDE30 baseline (optional)
+    DIR/populations/         sampled + baseline populations, fine-tuned   + stage.json
+    DIR/report.md, DIR/report.json, DIR/*.png
+
+A stage is skipped when its ``stage.json`` records the hash of the config that produced it (and of
+everything upstream); a changed config redoes that stage and every stage after it. Every stage
+logs to MLflow; the pipeline's own run (experiment ``raysys-pipeline``) links the stage runs, and
+each stage run is tagged with its parents (``raysys.parent_zoo_run``, ``raysys.parent_hyperrep_run``).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import Field
+
+from raysys import __version__
+from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
+from raysys.store import atomic_write_bytes, atomic_write_json
+
+STAGE_FILE = "stage.json"
+EXPERIMENTS = {"zoo": "raysys-zoo", "hyperrep": "raysys-hyperrep", "populations": "raysys-populations",
+               "pipeline": "raysys-pipeline"}
+
+
+class PipelineConfig(Config):
+    name: str = "pipeline"
+    # Each stage config is embedded (a mapping) or a path to its YAML, relative to the pipeline config.
+    zoo: dict[str, Any] | str
+    hyperrep: dict[str, Any] | str
+    populations: dict[str, Any] | str
+    evaluate: bool = True            # probes + figures of the autoencoder (DIR/hyperrep/eval)
+    nolwln_baseline: bool = False    # also train the autoencoder without LWLN, for B_KDE30
+    hyperrep_gpus: float = Field(0.0, ge=0)  # >0: train the autoencoder in a Ray task on a GPU node
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///DIR/mlflow.db
+    ray_address: str | None = None   # None: $RAY_ADDRESS (set inside `ray job submit`), else a private local Ray
+
+
+# --- the flow -----------------------------------------------------------------------------------
+
+def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | Path | None = None,
+                 progress: bool = True) -> dict:
+    """Run (or resume) every stage into ``out_dir``; returns the report dict (also DIR/report.json)."""
+    from raysys import hyperrep, populations, zoo
+
+    stages = stage_configs(config, config_dir)
+    with output_dir(out_dir) as out, ray_session(config.ray_address):
+        uri = tracking_uri(config, out)
+        stages["zoo"].mlflow.tracking_uri = uri
+        stages["populations"].mlflow.tracking_uri = uri
+        h = stage_hashes(config, stages)
+        runs: dict[str, str | None] = {}
+
+        runs["zoo"] = run_stage(out / "zoo", h["zoo"], resumable=True, work=lambda d: (
+            zoo.generate(stages["zoo"], d, progress=progress), find_run(uri, stages["zoo"].mlflow.experiment, d))[1])
+        runs["hyperrep"] = run_stage(out / "hyperrep", h["hyperrep"], work=lambda d: train_autoencoder(
+            stages["hyperrep"], out / "zoo", d, uri, config.evaluate, config.hyperrep_gpus, progress))
+        if config.nolwln_baseline:
+            nolwln = stages["hyperrep"].model_copy(deep=True)
+            nolwln.loss.lwln = False
+            runs["hyperrep_nolwln"] = run_stage(out / "hyperrep_nolwln", h["hyperrep_nolwln"], work=lambda d:
+                train_autoencoder(nolwln, out / "zoo", d, uri, False, config.hyperrep_gpus, progress))
+        runs["populations"] = run_stage(out / "populations", h["populations"], work=lambda d:
+            populations.run_populations(stages["populations"], out / "zoo", out / "hyperrep", d,
+                                        out / "hyperrep_nolwln" if config.nolwln_baseline else None,
+                                        tracking_uri=uri, progress=progress).get("mlflow_parent_run_id"))
+
+        report = write_report(config, out, h, runs)
+        report["mlflow"] = link_runs(uri, config, out, runs, report)
+        atomic_write_json(out / "report.json", report)
+        return report
+
+
+# --- configs and hashes -------------------------------------------------------------------------
+
+def stage_configs(config: PipelineConfig, config_dir: str | Path | None = None) -> dict[str, Config]:
+    """The validated stage configs (embedded mappings, or YAML paths relative to ``config_dir``)."""
+    from raysys.hyperrep.config import HyperRepConfig
+    from raysys.populations import PopulationsConfig
+    from raysys.zoo import ZooConfig
+
+    out = {}
+    for key, cls in (("zoo", ZooConfig), ("hyperrep", HyperRepConfig), ("populations", PopulationsConfig)):
+        value = getattr(config, key)
+        if isinstance(value, str):
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() or config_dir is None else Path(config_dir) / path
+            if not path.exists():
+                raise ConfigError(f"pipeline key '{key}' names {path}, which does not exist. Give a path relative "
+                                  f"to the pipeline config's directory, or embed the {key} config as a mapping.")
+            out[key] = validate(cls, read_yaml(path), source=f"{path} (pipeline key '{key}')")
+        else:
+            out[key] = validate(cls, value, source=f"pipeline key '{key}'")
+    # populations fine-tune on the zoo's dataset: the same loader options, unless set explicitly
+    if not out["populations"].dataset_options and out["zoo"].dataset.options:
+        out["populations"].dataset_options = dict(out["zoo"].dataset.options)
+    return out
+
+
+# Settings that change where and how fast a stage runs, not what it produces.
+RUN_ONLY = {"zoo": ("resources", "ray_address", "mlflow"), "hyperrep": (),
+            "populations": ("mlflow", "finetune.num_actors", "finetune.cpus_per_actor", "finetune.gpus_per_actor")}
+
+
+def identity(stage: str, cfg: Config) -> dict:
+    d = cfg.model_dump(mode="json")
+    for key in RUN_ONLY.get(stage, ()):
+        *parents, leaf = key.split(".")
+        node = d
+        for p in parents:
+            node = node.get(p) or {}
+        node.pop(leaf, None)
+    return d
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def stage_hashes(config: PipelineConfig, stages: dict[str, Config]) -> dict[str, str]:
+    """Each stage's hash covers its own config and its inputs' hashes, so a change flows downstream."""
+    h = {"zoo": digest({"zoo": identity("zoo", stages["zoo"])})}
+    h["hyperrep"] = digest({"hyperrep": identity("hyperrep", stages["hyperrep"]), "zoo": h["zoo"],
+                            "evaluate": config.evaluate})
+    h["hyperrep_nolwln"] = digest({"hyperrep_nolwln": identity("hyperrep", stages["hyperrep"]), "zoo": h["zoo"]})
+    h["populations"] = digest({"populations": identity("populations", stages["populations"]),
+                               "hyperrep": h["hyperrep"],
+                               "nolwln": h["hyperrep_nolwln"] if config.nolwln_baseline else None})
+    return h
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+def stage_record(stage_dir: Path) -> dict | None:
+    path = stage_dir / STAGE_FILE
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except ValueError:
+        return None  # a corrupt record means "not done"
+
+
+def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | None], resumable: bool = False) -> str | None:
+    """Run ``work(stage_dir)`` unless ``stage_dir`` already holds this hash's output; returns its MLflow run id.
+
+    Output from another config is removed first. An interrupted stage (no record) is resumed when
+    the stage can resume (the zoo keeps its complete shards) and redone from scratch otherwise.
+    """
+    record = stage_record(stage_dir)
+    if record is not None and record.get("hash") == stage_hash:
+        print(f"raysys pipeline: {stage_dir.name}: up to date ({stage_hash}), skipped", flush=True)
+        return record.get("mlflow_run_id")
+    if stage_dir.exists() and (record is not None or not resumable):
+        why = f"config changed ({record.get('hash')} -> {stage_hash})" if record else "interrupted run"
+        print(f"raysys pipeline: {stage_dir.name}: {why}, redoing", flush=True)
+        shutil.rmtree(stage_dir)
+    print(f"raysys pipeline: {stage_dir.name}: running", flush=True)
+    t0 = time.time()
+    run_id = work(stage_dir)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stage_dir / STAGE_FILE, {"stage": stage_dir.name, "hash": stage_hash, "mlflow_run_id": run_id,
+                                              "seconds": round(time.time() - t0, 1), "raysys_version": __version__,
+                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return run_id
+
+
+def train_autoencoder(cfg, zoo_dir: Path, out_dir: Path, uri: str, evaluate: bool, gpus: float,
+                      progress: bool) -> str | None:
+    """Train (and evaluate) a hyper-representation; on a GPU node when ``gpus`` > 0."""
+    def work():
+        from raysys.hyperrep.evaluate import evaluate as evaluate_autoencoder
+        from raysys.hyperrep.train import train
+
+        summary = train(cfg, zoo_dir, out_dir, tracking_uri=uri, experiment=EXPERIMENTS["hyperrep"],
+                                 progress=progress)
+        atomic_write_json(out_dir / "summary.json", summary)  # the report reads it when the stage is skipped
+        if evaluate:
+            evaluate_autoencoder(out_dir, zoo_dir, out_dir / "eval", tracking_uri=uri)
+        return summary.get("mlflow_run_id")
+
+    if gpus <= 0:
+        return work()
+    import ray
+
+    # the driver of a cluster job runs on the CPU-only head; the autoencoder wants the GPU
+    return ray.get(ray.remote(num_gpus=gpus, num_cpus=1)(work).remote())
+
+
+# --- environment: output storage, Ray, MLflow ----------------------------------------------------
+
+@contextmanager
+def output_dir(uri: str | Path):
+    """Yield a local directory for the outputs of ``uri``.
+
+    A local path (or file://) is used directly. A remote URI (s3://, gs://, ...), resolved through
+    pyarrow's filesystems, is staged: existing outputs are pulled into a local scratch directory
+    (so finished stages are skipped), and everything is pushed back after the run, even a failed one.
+    """
+    import pyarrow.fs as pafs
+
+    text = str(uri)
+    if "://" not in text:
+        yield Path(text).expanduser().resolve()
+        return
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except Exception as err:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError here
+        raise ConfigError(f"--out {text} is not a storage URI this machine can open ({err}). Use a local or NFS path, "
+                          f"or s3://bucket/prefix with AWS credentials configured.") from None
+    if isinstance(fs, pafs.LocalFileSystem):
+        yield Path(path).resolve()
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="raysys-pipeline-"))
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            pafs.copy_files(path, str(scratch), source_filesystem=fs)
+        yield scratch
+    finally:
+        fs.create_dir(path, recursive=True)
+        pafs.copy_files(str(scratch), path, destination_filesystem=fs)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def ray_session(address: str | None):
+    """Use the Ray the caller started (a test, a job driver); else connect or start a private one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=address, include_dashboard=False if address == "local" else None,
+             configure_logging=False, log_to_driver=True)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def tracking_uri(config: PipelineConfig, out: Path) -> str:
+    from raysys import tracking
+
+    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+    return tracking.resolve_tracking_uri(uri)
+
+
+def find_run(uri: str, experiment: str, out_dir: Path) -> str | None:
+    """The latest run of ``experiment`` for ``out_dir`` (the zoo stage tags its runs with raysys.out_dir)."""
+    from raysys import tracking
+
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id], f"tags.`raysys.out_dir` = '{Path(out_dir).resolve()}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
+def link_runs(uri: str, config: PipelineConfig, out: Path, runs: dict, report: dict) -> dict:
+    """One pipeline run that points at the stage runs; stage runs tagged with their parents and the pipeline."""
+    from raysys import tracking
+
+    client = tracking.client(uri)
+    exp = client.get_experiment_by_name(EXPERIMENTS["pipeline"])
+    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENTS["pipeline"])
+    tags = {"raysys.stage": "pipeline", "raysys.pipeline": config.name, "raysys.out_dir": str(out),
+            "raysys.version": __version__, **{f"raysys.{k}_run": v for k, v in runs.items() if v}}
+    run = client.create_run(exp_id, run_name=config.name, tags=tags)
+    rid = run.info.run_id
+    for key, value in report.get("hashes", {}).items():
+        client.log_param(rid, f"hash.{key}", value)
+    for key, value in flat_metrics(report).items():
+        client.log_metric(rid, key, value)
+    for name in ["report.md", "report.json", *report.get("figures", [])]:
+        if (out / name).exists():
+            client.log_artifact(rid, str(out / name))
+    parents = {"hyperrep": {"raysys.parent_zoo_run": runs.get("zoo")},
+               "hyperrep_nolwln": {"raysys.parent_zoo_run": runs.get("zoo")},
+               "populations": {"raysys.parent_zoo_run": runs.get("zoo"),
+                               "raysys.parent_hyperrep_run": runs.get("hyperrep")}}
+    for stage, stage_run in runs.items():
+        if not stage_run:
+            continue
+        for key, value in {"raysys.pipeline_run": rid, "raysys.pipeline": config.name,
+                           **parents.get(stage, {})}.items():
+            if value:
+                client.set_tag(stage_run, key, value)
+    client.set_terminated(rid, "FINISHED")
+    return {"tracking_uri": uri, "pipeline_run": rid, **{f"{k}_run": v for k, v in runs.items()}}
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    out = {}
+    z, h = report.get("zoo", {}), report.get("hyperrep", {})
+    if z.get("test_acc_last"):
+        out["zoo.test_acc_last_mean"] = z["test_acc_last"][0]
+    for key in ("test_r2", "val_r2"):
+        if isinstance(h.get(key), (int, float)):
+            out[f"hyperrep.{key}"] = h[key]
+    for row in report.get("populations", {}).get("accuracy", []):
+        out[f"populations.{row['setting']}.{row['method']}.ep{row['epoch']}.test_acc"] = row["mean"]
+    return {k: float(v) for k, v in out.items() if v == v}
+
+
+def write_report(config: PipelineConfig, out: Path, hashes: dict, runs: dict) -> dict:
+    """DIR/report.md + DIR/report.json + the stage figures copied into DIR."""
+    from raysys import zoo as zoo_stage
+    from raysys.populations import report as pop_report
+    from raysys.store import open_zoo
+
+    zoo_summary = zoo_stage.summarize(open_zoo(out / "zoo"))
+    hyperrep = json.loads((out / "hyperrep" / "summary.json").read_text())
+    evaluation = json.loads((out / "hyperrep" / "eval" / "eval.json").read_text()) \
+        if (out / "hyperrep" / "eval" / "eval.json").exists() else None
+    results = json.loads((out / "populations" / "results.json").read_text())
+    tables = pop_report.tables(results)
+    accuracy = [{"setting": s, **row} for s, t in tables.items() for row in t["accuracy"]]
+
+    figures = []
+    for src, name in [(out / "zoo" / "summary.png", "zoo_accuracy.png"),
+                      (out / "hyperrep" / "eval" / "reconstruction.png", "hyperrep_reconstruction.png"),
+                      (out / "hyperrep" / "eval" / "latent_pca.png", "hyperrep_latent.png"),
+                      (out / "populations" / "accuracy_curves.png", "populations_accuracy.png"),
+                      (out / "populations" / "accuracy_vs_novelty.png", "populations_novelty.png")]:
+        if src.exists():
+            atomic_write_bytes(out / name, src.read_bytes())
+            figures.append(name)
+
+    report = {"name": config.name, "raysys_version": __version__, "out_dir": str(out), "hashes": hashes,
+              "zoo": zoo_summary, "hyperrep": hyperrep,
+              "hyperrep_eval": None if evaluation is None else {
+                  "reconstruction_r2": evaluation["reconstruction"]["r2"], "accuracy": evaluation["accuracy"],
+                  "probes": evaluation["probes"]},
+              "populations": {"num_models": results["num_models"], "budgets": results["budgets"],
+                              "accuracy": accuracy, "skipped": results.get("skipped", [])},
+              "figures": figures}
+    atomic_write_bytes(out / "report.md", markdown(report, pop_report.markdown(results, tables)).encode())
+    atomic_write_json(out / "report.json", report)
+    return report
+
+
+def markdown(report: dict, populations_md: str) -> str:
+    z, h, e = report["zoo"], report["hyperrep"], report["hyperrep_eval"]
+    pct = lambda ms: f"{100 * ms[0]:.1f} % (std {100 * ms[1]:.1f})"  # noqa: E731
+    lines = [f"# raysys pipeline: {report['name']}", "",
+             f"raysys {report['raysys_version']}; outputs in `{report['out_dir']}`.", "",
+             "## Zoo", "",
+             f"{z['models']} `{z['arch']}` models on `{z['dataset']}` ({z['num_params']} parameters), epochs "
+             f"{z['epochs'][0]}..{z['epochs'][1]}, splits {z['splits']}, {z['diverged_models']} diverged. "
+             f"Test accuracy at the first epoch {pct(z['test_acc_first'])}, at the last {pct(z['test_acc_last'])}.", "",
+             "## Hyper-representation", ""]
+    if h:
+        lines.append(f"Trained on {h.get('train')} zoo states ({h.get('val')} validation, {h.get('test')} test) for "
+                     f"{h.get('epochs_run')} epochs in {h.get('train_seconds', float('nan')):.0f} s; best epoch "
+                     f"{h.get('best_epoch')}, validation R² {h.get('val_r2', float('nan')):.3f}, "
+                     f"test R² {h.get('test_r2', float('nan')):.3f}.")
+    if e:
+        acc = e["accuracy"]
+        lines += ["", f"Reconstruction R² on the test split: {e['reconstruction_r2']:.3f}. Decoded models reach "
+                      f"{100 * acc['decoded']['mean']:.1f} % test accuracy where the originals reach "
+                      f"{100 * acc['original']['mean']:.1f} % (chance {100 * acc['chance']:.0f} %)."]
+    lines += [""]
+    body = populations_md.splitlines()
+    body = body[1:] if body and body[0].startswith("# ") else body  # its title names the zoo directory
+    lines += ["## Sampled populations"] + ["#" + line if line.startswith("#") else line for line in body]
+    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in report["figures"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    return validate(PipelineConfig, apply_overrides(read_yaml(path), overrides), source=str(path))
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    report = run_pipeline(config, args.out, config_dir=Path(args.config).parent, progress=not args.no_progress)
+    print(f"raysys pipeline: done; report in {report['out_dir']}/report.md "
+          f"(MLflow: {report['mlflow']['tracking_uri']}, run {report['mlflow']['pipeline_run']})")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("pipeline", help="zoo -> hyper-representation -> populations -> report, in one command",
+                              description="Run every stage into --out; stages whose outputs match the config are skipped.")
+    p.add_argument("config", help="pipeline config YAML (see configs/pipeline/)")
+    p.add_argument("--out", required=True, help="output directory (local, NFS, or s3://bucket/prefix)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set zoo.epochs=5 or --set tracking_uri=http://127.0.0.1:5000")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd)

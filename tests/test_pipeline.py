@@ -1,0 +1,209 @@
+"""The pipeline's own logic: config resolution, stage hashes, skip/redo/resume, output locations.
+
+The full flow on the real stages runs in tests/test_e2e_cluster.py (as a Ray job on a real cluster,
+twice: the second run must skip every stage).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings, strategies as st
+
+from raysys import pipeline
+from raysys.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "pipeline" / "tiny.yaml"
+DEMO = ROOT / "configs" / "pipeline" / "demo.yaml"
+
+
+def tiny(overrides=None) -> pipeline.PipelineConfig:
+    return pipeline.load_config(TINY, overrides)
+
+
+def hashes(overrides=None) -> dict:
+    cfg = tiny(overrides)
+    return pipeline.stage_hashes(cfg, pipeline.stage_configs(cfg, TINY.parent))
+
+
+# --- configs ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", [TINY, DEMO], ids=["tiny", "demo"])
+def test_shipped_configs_validate(path):
+    cfg = pipeline.load_config(path)
+    stages = pipeline.stage_configs(cfg, path.parent)
+    assert set(stages) == {"zoo", "hyperrep", "populations"}
+    # the autoencoder trains on epochs the zoo stores, and populations sample from them
+    first, last = stages["hyperrep"].train.epoch_window
+    assert last <= stages["zoo"].epochs
+
+
+def test_demo_meets_the_brief():
+    """The README's main job: a digits zoo of >= 100 models and populations of >= 50 models."""
+    from raysys.zoo import expand
+
+    stages = pipeline.stage_configs(pipeline.load_config(DEMO), DEMO.parent)
+    assert stages["zoo"].dataset.name == "digits"
+    assert len(expand(stages["zoo"])) >= 100
+    assert stages["populations"].num_models >= 50
+
+
+def test_unknown_key_names_the_key_and_the_fix(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    data["zoo"]["epoch"] = 3  # typo for epochs
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"(?s)pipeline key 'zoo'.*unknown key 'epoch'.*did you mean 'epochs'"):
+        pipeline.stage_configs(pipeline.load_config(path), tmp_path)
+    with pytest.raises(ConfigError, match="unknown key 'zoos'"):
+        pipeline.load_config(TINY, ["zoos.name=x"])
+
+
+def test_stage_configs_from_paths_relative_to_the_pipeline_config(tmp_path):
+    data = yaml.safe_load(TINY.read_text())
+    (tmp_path / "stages").mkdir()
+    for key in ("zoo", "hyperrep", "populations"):
+        (tmp_path / "stages" / f"{key}.yaml").write_text(yaml.safe_dump(data[key]))
+        data[key] = f"stages/{key}.yaml"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    cfg = pipeline.load_config(tmp_path / "p.yaml")
+    by_path = pipeline.stage_hashes(cfg, pipeline.stage_configs(cfg, tmp_path))
+    assert by_path == hashes()  # same content, same hashes, however the configs are given
+    data["zoo"] = "stages/missing.yaml"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="missing.yaml, which does not exist"):
+        pipeline.stage_configs(pipeline.load_config(tmp_path / "p.yaml"), tmp_path)
+
+
+def test_populations_inherit_the_zoo_dataset_options():
+    cfg = tiny(["zoo.dataset.options={copies: 5}"])
+    stages = pipeline.stage_configs(cfg, TINY.parent)
+    assert stages["populations"].dataset_options == {"copies": 5}
+    cfg = tiny(["zoo.dataset.options={copies: 5}", "populations.dataset_options={copies: 7}"])
+    assert pipeline.stage_configs(cfg, TINY.parent)["populations"].dataset_options == {"copies": 7}
+
+
+# --- hashes -----------------------------------------------------------------------------------
+
+# (override, stages whose hash must change)
+CHANGES = [
+    ("zoo.epochs=4", {"zoo", "hyperrep", "hyperrep_nolwln", "populations"}),
+    ("zoo.seeds={start: 2, count: 12}", {"zoo", "hyperrep", "hyperrep_nolwln", "populations"}),
+    ("hyperrep.train.lr=0.002", {"hyperrep", "hyperrep_nolwln", "populations"}),
+    ("populations.num_models=4", {"populations"}),
+    ("evaluate=false", {"hyperrep", "populations"}),
+    ("nolwln_baseline=true", {"populations"}),
+    # where and how fast, not what: nothing is redone
+    ("zoo.resources.num_workers=2", set()),
+    ("populations.finetune.num_actors=2", set()),
+    ("tracking_uri=sqlite:////tmp/elsewhere.db", set()),
+    ("name=other", set()),
+]
+
+
+@pytest.mark.parametrize("override,changed", CHANGES, ids=[c[0] for c in CHANGES])
+def test_a_change_redoes_its_stage_and_everything_downstream(override, changed):
+    before, after = hashes(), hashes([override])
+    assert {k for k in before if before[k] != after[k]} == changed
+
+
+@settings(max_examples=25, deadline=None)
+@given(lr=st.floats(1e-5, 1e-1), models=st.integers(2, 500), budget=st.integers(1, 30))
+def test_hashes_are_deterministic_and_distinct(lr, models, budget):
+    overrides = [f"hyperrep.train.lr={lr!r}", f"populations.num_models={models}",
+                 f"populations.finetune.budgets=[0, {budget}]"]
+    a, b = hashes(overrides), hashes(overrides)
+    assert a == b
+    assert len(set(a.values())) == len(a)  # stages never share a hash
+    if lr != 1e-3:
+        assert a["hyperrep"] != hashes()["hyperrep"]
+
+
+# --- skip / redo / resume ---------------------------------------------------------------------
+
+class Work:
+    """A stage body that records its calls and writes one output file."""
+
+    def __init__(self, run_id="r1"):
+        self.calls, self.run_id = 0, run_id
+
+    def __call__(self, d: Path):
+        self.calls += 1
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"out{self.calls}.txt").write_text(str(self.calls))
+        return self.run_id
+
+
+def test_stage_runs_once_then_skips(tmp_path):
+    work = Work()
+    d = tmp_path / "zoo"
+    assert pipeline.run_stage(d, "h1", work) == "r1"
+    record = json.loads((d / "stage.json").read_text())
+    assert record["hash"] == "h1" and record["mlflow_run_id"] == "r1"
+    assert pipeline.run_stage(d, "h1", Work("other")) == "r1"  # skipped: the recorded run id comes back
+    assert work.calls == 1
+    assert not list(d.glob(".*.tmp"))  # the record was written atomically
+
+
+def test_changed_hash_removes_old_output_and_redoes(tmp_path):
+    d = tmp_path / "hyperrep"
+    pipeline.run_stage(d, "h1", Work())
+    (d / "stale.bin").write_text("from the old config")
+    work = Work("r2")
+    assert pipeline.run_stage(d, "h2", work) == "r2"
+    assert work.calls == 1 and not (d / "stale.bin").exists()
+    assert json.loads((d / "stage.json").read_text())["hash"] == "h2"
+
+
+def test_interrupted_stage_resumes_only_when_resumable(tmp_path):
+    for resumable in (True, False):
+        d = tmp_path / f"stage-{resumable}"
+        d.mkdir()
+        (d / "partial.parquet").write_text("a complete shard of an interrupted run")
+        pipeline.run_stage(d, "h1", Work(), resumable=resumable)
+        assert (d / "partial.parquet").exists() == resumable
+
+
+def test_failed_stage_leaves_no_record(tmp_path):
+    d = tmp_path / "populations"
+
+    def boom(_):
+        d.mkdir(parents=True, exist_ok=True)
+        raise RuntimeError("stage failed")
+
+    with pytest.raises(RuntimeError):
+        pipeline.run_stage(d, "h1", boom)
+    assert pipeline.stage_record(d) is None
+    (d / "stage.json").write_text("{not json")  # a corrupt record means "not done"
+    assert pipeline.stage_record(d) is None
+
+
+# --- outputs, tracking, CLI -------------------------------------------------------------------
+
+def test_output_dir_local_paths_and_bad_uris(tmp_path):
+    with pipeline.output_dir(tmp_path / "a") as out:
+        assert out == (tmp_path / "a").resolve()
+    with pipeline.output_dir(f"file://{tmp_path}/b") as out:
+        assert out == (tmp_path / "b").resolve()
+    with pytest.raises(ConfigError, match="not a storage URI"):
+        with pipeline.output_dir("nosuchscheme://bucket/x"):
+            pass
+
+
+def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert pipeline.tracking_uri(tiny(), tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert pipeline.tracking_uri(tiny(), tmp_path) == "http://127.0.0.1:5999"
+    assert pipeline.tracking_uri(tiny(["tracking_uri=sqlite:////x/y.db"]), tmp_path) == "sqlite:////x/y.db"
+
+
+def test_cli_registers_pipeline_command():
+    parser = argparse.ArgumentParser()
+    pipeline.register(parser.add_subparsers())
+    args = parser.parse_args(["pipeline", str(TINY), "--out", "/tmp/x", "--set", "zoo.epochs=2"])
+    assert args.func is pipeline._cmd and args.set == ["zoo.epochs=2"]
