@@ -145,12 +145,16 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
 
     md = (out / "report.md").read_text()
     assert "| S_KDE30 |" in md and "Ep. 2" in md and "agreement" in md
+    assert "| in_dataset | S_KDE30 |" in md.split("Against the noise baseline")[1]
     for name in ("report.json", "results.json", "accuracy_curves.png", "accuracy_vs_novelty.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "populations" / "in_dataset_S_KDE30.safetensors").exists()
     tables = json.loads((out / "report.json").read_text())["tables"]
     row = [r for r in tables["in_dataset"]["accuracy"] if r["method"] == "S_KDE" and r["epoch"] == 0][0]
     assert row["mean"] == pytest.approx(100 * np.mean(pops[("in_dataset", "S_KDE")]["test_acc"]["0"]))
+    cmp = json.loads((out / "report.json").read_text())["noise_comparison"]
+    assert {r["method"] for r in cmp} == {"S_KDE", "S_KDE30", "S_U", "B_KDE30"}
+    assert all(r["noise"] == "B_noise_0.02" for r in cmp)
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=mlflow_uri)

@@ -96,3 +96,14 @@ def test_non_chain_and_mismatched_shapes_are_clear_errors():
     W, lay = population("tetris_ffn", 2, num_classes=4)
     with pytest.raises(RaysysError, match="same architecture"):
         novelty.nearest(W, np.zeros((3, 50)), lay)
+
+
+def test_diverged_models_are_counted_not_averaged(digits):
+    W, layout = population("cnn_s", 4, seed=11)
+    gen = W[:3].copy()
+    gen[1, 5] = np.nan
+    res = novelty.novelty(gen, W, layout, digits.x_test[:50], "tanh")
+    per, s = res["per_model"], res["summary"]
+    assert np.isnan(per["nearest_raw"][1]) and per["nearest_aligned_index"][1] == -1
+    assert s["non_finite_models"] == 1
+    assert s["nearest_raw_mean"] == pytest.approx(0.0, abs=1e-5) and s["agreement_mean"] == 1.0

@@ -71,7 +71,7 @@ def finetune_population(arch: str, specs: list[ModelSpec], data: ImageData, epoc
     """
     n = len(specs)
     if init_weights is not None:
-        init_weights = torch.as_tensor(np.asarray(init_weights), dtype=torch.float32)
+        init_weights = torch.from_numpy(np.array(init_weights, dtype=np.float32))
         P = architectures.layout_of(arch, data.in_channels, data.num_classes).num_params
         if init_weights.shape != (n, P):
             raise RaysysError(f"initial weights have shape {tuple(init_weights.shape)} but {n} {arch} models on "

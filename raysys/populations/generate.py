@@ -71,7 +71,7 @@ def encode(autoencoder, weights, layout: Layout, batch_size: int = 512) -> np.nd
 def decode(autoencoder, Z, layout: Layout, batch_size: int = 512) -> np.ndarray:
     """Flat weights [n, P] decoded from latents [n, D], checked against ``layout``."""
     check_layout(autoencoder, layout)
-    Z = torch.as_tensor(np.asarray(Z), dtype=torch.float32)
+    Z = torch.from_numpy(np.array(Z, dtype=np.float32))
     W = np.concatenate([_to_numpy(autoencoder.decode(Z[i:i + batch_size]))
                         for i in range(0, len(Z), batch_size)]).astype(np.float32)
     W = W.reshape(len(Z), -1)

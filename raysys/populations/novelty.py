@@ -189,35 +189,37 @@ def predict(arch: str, weights, x: torch.Tensor, activation: str, num_classes: i
 
 
 def novelty(generated, training, layout: Layout, x_test: torch.Tensor, activation: str,
-            align: bool = True, training_preds: np.ndarray | None = None) -> dict:
+            align: bool = True) -> dict:
     """Per-model novelty of ``generated`` [N, P] against ``training`` [M, P], plus diversity.
 
-    ``training_preds`` ([M, len(x_test)]) may be passed to avoid recomputing the training
-    models' predictions for every population.
+    Diverged models (non-finite weights) get NaN distances and agreement, index -1, and are
+    counted in ``summary["non_finite_models"]`` rather than poisoning the means.
     """
     align = align and layout.chain
     generated = np.asarray(generated, dtype=np.float32)
-    near = nearest(generated, training, layout, align)
-    idx = near["aligned_index"] if align else near["raw_index"]
-    gen_preds = predict(layout.arch, generated, x_test, activation, layout.num_classes)
-    if training_preds is None:
-        ref_preds = predict(layout.arch, np.asarray(training)[idx], x_test, activation, layout.num_classes)
-    else:
-        ref_preds = training_preds[idx]
-    agreement = (gen_preds == ref_preds).mean(axis=1)
-    div_raw = pairwise(generated)
-    div_aligned = pairwise(generated, layout, align=True) if align else np.full(len(div_raw), np.nan)
+    training = np.asarray(training, dtype=np.float32)
+    n = len(generated)
     finite = np.isfinite(generated).all(axis=1)
+    per = {"nearest_raw": np.full(n, np.nan), "nearest_raw_index": np.full(n, -1),
+           "nearest_aligned": np.full(n, np.nan), "nearest_aligned_index": np.full(n, -1),
+           "agreement": np.full(n, np.nan)}
+    ok = generated[finite]
+    div_raw, div_aligned = np.zeros(0), np.zeros(0)
+    if len(ok):
+        near = nearest(ok, training, layout, align)
+        per["nearest_raw"][finite], per["nearest_raw_index"][finite] = near["raw"], near["raw_index"]
+        idx = near["aligned_index"] if align else near["raw_index"]
+        if align:
+            per["nearest_aligned"][finite], per["nearest_aligned_index"][finite] = near["aligned"], idx
+        gen_preds = predict(layout.arch, ok, x_test, activation, layout.num_classes)
+        ref_preds = predict(layout.arch, training[idx], x_test, activation, layout.num_classes)
+        per["agreement"][finite] = (gen_preds == ref_preds).mean(axis=1)
+        div_raw = pairwise(ok)
+        div_aligned = pairwise(ok, layout, align=True) if align else None
     return {
-        "per_model": {
-            "nearest_raw": near["raw"].tolist(),
-            "nearest_raw_index": near["raw_index"].tolist(),
-            "nearest_aligned": (near["aligned"] if align else np.full(len(generated), np.nan)).tolist(),
-            "nearest_aligned_index": (near["aligned_index"] if align else near["raw_index"]).tolist(),
-            "agreement": agreement.tolist(),
-        },
-        "summary": summarize(near["raw"], near["aligned"] if align else None, agreement, div_raw,
-                             div_aligned if align else None, int((~finite).sum())),
+        "per_model": {k: v.tolist() for k, v in per.items()},
+        "summary": summarize(per["nearest_raw"], per["nearest_aligned"] if align else None, per["agreement"],
+                             div_raw, div_aligned, int((~finite).sum())),
     }
 
 
