@@ -121,12 +121,13 @@ class ZooWriter:
 
     def write_shard(self, shard: int, table: pa.Table, model_ids: Iterable[int]) -> dict:
         path = self.shard_path(shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         pq.write_table(table, tmp, compression="zstd")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        record = {"shard": shard, "file": path.name, "rows": table.num_rows,
+        record = {"shard": shard, "file": path.name, "rows": table.num_rows, "bytes": path.stat().st_size,
                   "model_ids": sorted(int(m) for m in model_ids), "sha256": sha256_file(path)}
         atomic_write_json(path.with_suffix(".json"), record)
         return record
@@ -158,8 +159,21 @@ class Zoo:
         return self.layout.num_params
 
     def shard_files(self) -> list[Path]:
-        recs = sorted((self.root / SHARDS).glob("shard-*.json"))
-        return [r.with_suffix(".parquet") for r in recs if r.with_suffix(".parquet").exists()]
+        """Parquet files of complete shards: a record exists and the file has the recorded size.
+
+        (The full checksum check is :meth:`ZooWriter.is_complete`; size is the cheap guard against
+        reading a file that a crashed run left truncated.)
+        """
+        files = []
+        for rec in sorted((self.root / SHARDS).glob("shard-*.json")):
+            path = rec.with_suffix(".parquet")
+            try:
+                expected = json.loads(rec.read_text()).get("bytes")
+            except ValueError:
+                continue
+            if path.exists() and (expected is None or path.stat().st_size == expected):
+                files.append(path)
+        return files
 
     def table(self, columns: list[str] | None = None, epochs: Iterable[int] | None = None,
               splits: Iterable[str] | None = None) -> pa.Table:

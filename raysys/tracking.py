@@ -1,0 +1,101 @@
+"""MLflow helpers shared by every stage: one place that decides where runs go and how configs become params.
+
+MLflow 3 refuses the old file store, and Ray Tune changes the working directory of trials, so
+every tracking URI is made absolute here before anything talks to MLflow.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from raysys.config import RaysysError
+
+DEFAULT_DB = "mlflow.db"
+MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+
+
+class TrackingError(RaysysError):
+    pass
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """An absolute tracking URI.
+
+    ``None`` means ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlflow.db``. Relative
+    sqlite paths become absolute (a Tune trial runs in another directory); servers (http, https,
+    databricks, postgresql, mysql, ...) pass through; file stores are refused.
+    """
+    if uri is None or uri == "":
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path in ("", ":memory:"):
+            raise TrackingError(f"tracking URI '{uri}' names no database file. "
+                                f"Use e.g. --tracking-uri sqlite:///{Path.cwd() / DEFAULT_DB}.")
+        # sqlite:////abs/x.db has path "/abs/x.db"; sqlite:///x.db is relative to the cwd.
+        return f"sqlite:///{Path(path).expanduser().resolve()}"
+    if uri.startswith("sqlite:"):
+        raise TrackingError(f"tracking URI '{uri}' is not a sqlite file URI. Write sqlite:////absolute/path/mlflow.db "
+                            f"(four slashes for an absolute path).")
+    if uri.startswith("file:") or "://" not in uri:
+        path = uri[len("file:"):].lstrip("/") if uri.startswith("file:") else uri
+        suggestion = Path("/" + path if uri.startswith("file:") else path).expanduser().resolve()
+        suggestion = suggestion if suggestion.suffix == ".db" else suggestion / DEFAULT_DB
+        raise TrackingError(f"tracking URI '{uri}' is an MLflow file store, which MLflow 3 refuses. "
+                            f"Use a sqlite database instead, e.g. --tracking-uri sqlite:///{suggestion}, "
+                            f"or an MLflow server (http://host:5000).")
+    return uri
+
+
+def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
+    """Nested dicts/lists -> {"a.b": "value"}; lists of scalars stay one value ("[1, 2]")."""
+    out: dict[str, str] = {}
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out.update(flatten_params(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in data):
+        for i, v in enumerate(data):
+            out.update(flatten_params(v, f"{prefix}.{i}"))
+        return out
+    text = str(list(data) if isinstance(data, tuple) else data)
+    out[prefix or "value"] = text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS - 3] + "..."
+    return out
+
+
+@contextmanager
+def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = None,
+              tags: dict[str, str] | None = None, params: dict | None = None) -> Iterator["mlflow.ActiveRun"]:
+    """An MLflow run in experiment ``experiment`` (created if missing), params flattened from ``params``.
+
+    The run ends FAILED if the block raises, KILLED on Ctrl-C, FINISHED otherwise.
+    """
+    import mlflow
+
+    uri = resolve_tracking_uri(tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment)
+    except Exception as err:  # an unreachable server or a locked/corrupt db: say where and how to fix
+        raise TrackingError(f"cannot open MLflow experiment '{experiment}' at {uri}: {err}. "
+                            f"Check --tracking-uri (or mlflow.tracking_uri in the config).") from None
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        if params:
+            flat = flatten_params(params)
+            items = list(flat.items())
+            for i in range(0, len(items), 100):  # MLflow's batch limit
+                mlflow.log_params(dict(items[i:i + 100]))
+        try:
+            yield run
+        except KeyboardInterrupt:
+            mlflow.end_run("KILLED")
+            raise
+
+
+def client(tracking_uri: str | None = None):
+    """An ``MlflowClient`` on the resolved URI (thread-safe logging from a progress thread)."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))

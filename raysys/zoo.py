@@ -1,0 +1,652 @@
+"""Zoo generation: a config grid -> model specs -> shards trained on Ray Train workers -> the zoo store.
+
+Reading order: the config (:class:`ZooConfig`), its expansion into :class:`~raysys.train.ModelSpec`
+(:func:`expand`), the shard plan (:func:`plan_shards`), training one shard (:func:`train_shard`,
+plain PyTorch through :func:`raysys.population.train_population`), the Ray Train worker loop,
+the driver (:func:`generate`: manifest, resume, MLflow, progress) and the CLI.
+
+Determinism: a model is fully determined by its spec (see :mod:`raysys.train`), and model ids,
+splits and shards are pure functions of the config, so a rerun of the same command skips the
+shards already complete and redoes the rest, ending with the same zoo as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import json
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import numpy as np
+from pydantic import Field, field_validator, model_validator
+
+from raysys import __version__, architectures
+from raysys.config import Config, ConfigError, RaysysError, apply_overrides, load, validate
+from raysys.store import SHARDS, ZooWriter, atomic_write_bytes, atomic_write_json, open_zoo, rows_table, splits_for
+from raysys.train import ModelSpec
+
+# --- config ---------------------------------------------------------------------------------
+
+
+class DatasetConfig(Config):
+    name: str
+    root: str | None = None  # where torchvision-format datasets live on disk
+    options: dict[str, Any] = Field(default_factory=dict)  # passed to the dataset loader
+
+
+def _as_list(value):
+    # "lr: 3e-4" is as natural in a grid as "lr: [3e-4]"
+    return value if isinstance(value, (list, tuple)) else [value]
+
+
+class GridConfig(Config):
+    """Every combination of these values is one grid point (001, Table 1)."""
+
+    init: list[str] = ["uniform"]
+    activation: list[str] = ["tanh"]
+    optimizer: list[Literal["adam", "sgd"]] = ["adam"]
+    lr: list[float] = [3e-4]
+    weight_decay: list[float] = [0.0]
+    dropout: list[float] = [0.0]
+    batch_size: list[int] = [10]
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _wrap(cls, v):
+        return _as_list(v)
+
+    @model_validator(mode="after")
+    def _check(self):
+        for name in type(self).model_fields:
+            values = getattr(self, name)
+            if not values:
+                raise ValueError(f"grid.{name} is empty; give at least one value")
+            if len(set(values)) != len(values):
+                raise ValueError(f"grid.{name} lists a value twice ({values}); list each value once")
+        for v in self.init:
+            if v not in architectures.INITS:
+                raise ValueError(f"grid.init: unknown init '{v}'; choose from {', '.join(architectures.INITS)}")
+        for v in self.activation:
+            if v not in architectures.ACTIVATIONS:
+                raise ValueError(f"grid.activation: unknown activation '{v}'; "
+                                 f"choose from {', '.join(architectures.ACTIVATIONS)}")
+        if any(v <= 0 or not math.isfinite(v) for v in self.lr):
+            raise ValueError(f"grid.lr must be positive and finite, got {self.lr}")
+        if any(v < 0 or not math.isfinite(v) for v in self.weight_decay):
+            raise ValueError(f"grid.weight_decay must be >= 0, got {self.weight_decay}")
+        if any(not 0 <= v < 1 for v in self.dropout):
+            raise ValueError(f"grid.dropout must be in [0, 1), got {self.dropout}")
+        if any(v < 1 for v in self.batch_size):
+            raise ValueError(f"grid.batch_size must be >= 1, got {self.batch_size}")
+        return self
+
+    def points(self) -> list[dict]:
+        names = list(type(self).model_fields)
+        return [dict(zip(names, combo)) for combo in itertools.product(*(getattr(self, n) for n in names))]
+
+
+class SeedRange(Config):
+    """Seeds start, start+1, ..., the same for every grid point (``Seed``: 1-1000, ``Hyp-10-fix``: 1-10)."""
+
+    start: int = Field(1, ge=0)
+    count: int = Field(ge=1)
+
+
+class RandomSeeds(Config):
+    """``random`` seeds per grid point drawn from an RNG seeded by ``seed`` (``Hyp-10-rand``)."""
+
+    random: int = Field(ge=1)
+    seed: int = 0
+
+
+class ResourcesConfig(Config):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0)  # Ray Train restarts of the worker group after a crash
+
+
+class MlflowConfig(Config):
+    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
+    experiment: str = "raysys-zoo"
+
+
+class ZooConfig(Config):
+    name: str
+    dataset: DatasetConfig
+    arch: architectures.ArchName
+    grid: GridConfig = Field(default_factory=GridConfig)
+    seeds: Union[list[int], SeedRange, RandomSeeds]
+    models: int | None = Field(None, ge=1)  # keep only the first N models of the grid (--models)
+    epochs: int = Field(ge=1)
+    split_seed: int = 0
+    models_per_shard: int = Field(50, ge=1)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    ray_address: str | None = None  # None: a local Ray started by raysys
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("seeds is an empty list; list at least one seed or write {start: 1, count: N}")
+            if len(set(v)) != len(v):
+                raise ValueError("seeds lists a seed twice; each seed once")
+            if min(v) < 0:
+                raise ValueError("seeds must be >= 0")
+        return v
+
+
+# Settings that say where and how fast a zoo is made, not what it contains: a resumed run may change them.
+RUN_ONLY_KEYS = ("resources", "ray_address", "mlflow")
+
+
+def identity(config: ZooConfig) -> dict:
+    """The part of a config that determines the zoo's contents."""
+    d = config.model_dump(mode="json")
+    for k in RUN_ONLY_KEYS:
+        d.pop(k, None)
+    return d
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ZooConfig:
+    return load(ZooConfig, path, overrides)
+
+
+# --- expansion --------------------------------------------------------------------------------
+
+def seeds_per_point(config: ZooConfig, num_points: int) -> np.ndarray:
+    """[num_points, seeds_per_point] int64: the seeds of each grid point."""
+    s = config.seeds
+    if isinstance(s, list):
+        return np.tile(np.asarray(s, np.int64), (num_points, 1))
+    if isinstance(s, SeedRange):
+        return np.tile(np.arange(s.start, s.start + s.count, dtype=np.int64), (num_points, 1))
+    # One RNG per grid point, drawn one seed at a time, so the first k seeds of a point do not
+    # depend on how many are drawn (adding seeds keeps every existing model).
+    out = np.empty((num_points, s.random), np.int64)
+    for p in range(num_points):
+        rng, seen = np.random.default_rng([s.seed, p]), set()
+        while len(seen) < s.random:
+            v = int(rng.integers(1, 2**31))
+            if v not in seen:
+                out[p, len(seen)] = v
+                seen.add(v)
+    return out
+
+
+def expand(config: ZooConfig) -> list[ModelSpec]:
+    """The zoo's models in model_id order.
+
+    Seed-major (all grid points with their first seed, then with their second, ...): a prefix
+    (``models: N``) covers the grid evenly, and a model's id does not change when seeds are added.
+    """
+    points = config.grid.points()
+    seeds = seeds_per_point(config, len(points))
+    specs = []
+    for k in range(seeds.shape[1]):
+        for p, point in enumerate(points):
+            specs.append(ModelSpec(model_id=len(specs), seed=int(seeds[p, k]), **point))
+    if config.models is not None:
+        if config.models > len(specs):
+            raise ConfigError(f"models: {config.models} but the grid and seeds define only {len(specs)} models. "
+                              f"Lower --models or add seeds.")
+        specs = specs[:config.models]
+    return specs
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard: int
+    model_ids: tuple[int, ...]
+    population: tuple  # ModelSpec.population_key(): models that train as one batched computation
+
+
+def plan_shards(specs: list[ModelSpec], models_per_shard: int) -> list[Shard]:
+    """Group models into populations (equal population_key), then cut each into shards."""
+    populations: dict[tuple, list[int]] = {}
+    for s in specs:
+        populations.setdefault(s.population_key(), []).append(s.model_id)
+    shards = []
+    for key, ids in populations.items():
+        for i in range(0, len(ids), models_per_shard):
+            shards.append(Shard(len(shards), tuple(ids[i:i + models_per_shard]), key))
+    return shards
+
+
+# --- training one shard -----------------------------------------------------------------------
+
+def train_shard(arch: str, shard: Shard, specs: list[ModelSpec], data, epochs: int, splits: list[str],
+                writer: ZooWriter, device: str = "cpu", on_progress=None) -> dict:
+    """Train the models of one shard, write all their epochs as one Parquet file, return its record."""
+    from raysys.population import train_population
+
+    by_id = {s.model_id: s for s in specs}
+    members = [by_id[m] for m in shard.model_ids]
+    hparams = [s.hyperparameters() for s in members]
+    num_params = architectures.layout_of(arch, data.in_channels, data.num_classes).num_params
+    tables = []
+
+    def on_epoch(epoch, weights, metrics):
+        tables.append(rows_table(num_params, shard.model_ids, epoch, [splits[m] for m in shard.model_ids],
+                                 weights.detach().cpu().numpy(), metrics, hparams))
+        if on_progress is not None and epoch > 0:
+            on_progress(len(members))
+
+    train_population(arch, members, data, epochs, on_epoch=on_epoch, device=device)
+    if len(tables) != epochs + 1:
+        raise RuntimeError(f"shard {shard.shard}: the trainer reported {len(tables)} epochs, expected {epochs + 1}")
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables).sort_by([("model_id", "ascending"), ("epoch", "ascending")])
+    return writer.write_shard(shard.shard, table, shard.model_ids)
+
+
+# --- Ray Train ----------------------------------------------------------------------------------
+
+def _worker_loop(cfg: dict) -> None:
+    """Runs on every Ray Train worker: train the pending shards whose index is this worker's rank mod world size.
+
+    Arguments are plain data (config dict, paths, shard lists) plus the progress actor's handle,
+    because workers live in other processes, possibly on other nodes.
+    """
+    import ray.train
+
+    from raysys import datasets
+
+    config = ZooConfig.model_validate(cfg["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = "cpu"
+    if config.resources.use_gpu:
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    writer = ZooWriter(cfg["out_dir"])
+    specs = expand(config)
+    shards = [Shard(s["shard"], tuple(s["model_ids"]), tuple(s["population"])) for s in cfg["pending"]]
+    mine = shards[rank::world]
+    data = datasets.load(config.dataset.name, config.dataset.root, **config.dataset.options)
+    progress = cfg.get("progress")
+    report = (lambda n: progress.add.remote(n)) if progress is not None else None
+    for shard in mine:
+        if writer.is_complete(shard.shard):
+            continue  # finished before Ray Train restarted this worker group
+        train_shard(config.arch, shard, specs, data, config.epochs, cfg["splits"], writer, device, report)
+        if progress is not None:
+            progress.shard_done.remote()
+
+
+def _progress_actor():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Progress:
+        """Counts model-epochs and shards finished; workers add, the driver polls."""
+
+        def __init__(self):
+            self.model_epochs, self.shards = 0, 0
+
+        def add(self, n: int):
+            self.model_epochs += n
+
+        def shard_done(self):
+            self.shards += 1
+
+        def get(self) -> tuple[int, int]:
+            return self.model_epochs, self.shards
+
+    return Progress.remote()
+
+
+def _run_trainer(config: ZooConfig, out_dir: Path, pending: list[Shard], splits: list[str], progress) -> None:
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    r = config.resources
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"), "out_dir": str(out_dir), "splits": splits,
+            "pending": [{"shard": s.shard, "model_ids": list(s.model_ids), "population": list(s.population)}
+                        for s in pending],
+            "progress": progress,
+        },
+        scaling_config=ray.train.ScalingConfig(num_workers=min(r.num_workers, len(pending)), use_gpu=r.use_gpu,
+                                               resources_per_worker={"CPU": r.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"zoo-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
+            # Ray Train's own run records live beside the zoo; on a multi-node cluster the --out
+            # directory has to be on storage every node mounts anyway, since workers write shards there.
+            storage_path=str(out_dir / ".ray_train"),
+            failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+        error = getattr(result, "error", None)
+    except Exception as err:  # Train V2 raises TrainingFailedError once retries are spent
+        error = err
+    if error is not None:
+        raise RaysysError(f"zoo generation failed after {r.max_failures} worker-group restarts: {_root_cause(error)}\n"
+                          f"Completed shards are kept in {out_dir}; fix the cause and rerun the same command to resume.")
+
+
+def _root_cause(err: BaseException) -> str:
+    seen = set()
+    while err.__cause__ is not None and id(err) not in seen:
+        seen.add(id(err))
+        err = err.__cause__
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[-1] if text else ''}"
+
+
+# --- the driver -----------------------------------------------------------------------------------
+
+def _manifest(config: ZooConfig, data, shards: list[Shard], splits: list[str], status: str,
+              records: dict[int, dict] | None = None) -> dict:
+    layout = architectures.layout_of(config.arch, data.in_channels, data.num_classes, data.image_size)
+    return {
+        "raysys_version": __version__,
+        "name": config.name,
+        "arch": config.arch,
+        "status": status,
+        "num_models": len(splits),
+        "epochs": config.epochs,
+        "num_params": layout.num_params,
+        "layout": layout.to_dict(),
+        "dataset": data.describe(),
+        "config": config.model_dump(mode="json"),
+        "split_seed": config.split_seed,
+        "split_counts": {s: splits.count(s) for s in ("train", "val", "test")},
+        "splits": splits,
+        "shards": [{"shard": s.shard, "model_ids": list(s.model_ids), "population": list(s.population),
+                    **({"sha256": records[s.shard]["sha256"], "rows": records[s.shard]["rows"]}
+                       if records and s.shard in records else {})}
+                   for s in shards],
+    }
+
+
+def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
+    """True when out_dir already holds this zoo (resume); error when it holds another one."""
+    path = out_dir / "manifest.json"
+    if not path.exists():
+        if out_dir.exists() and any(p.name != ".ray_train" for p in out_dir.iterdir()):
+            raise RaysysError(f"{out_dir} exists, is not empty and holds no zoo manifest. "
+                              f"Choose a new --out directory (or an empty one).")
+        return False
+    try:
+        old = ZooConfig.model_validate(json.loads(path.read_text())["config"])
+    except Exception:
+        raise RaysysError(f"{path} is not a manifest written by this raysys version. "
+                          f"Choose a new --out directory.") from None
+    before, now = identity(old), identity(config)
+    if before != now:
+        diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
+                         if before.get(k) != now.get(k))
+        raise RaysysError(f"{out_dir} holds zoo '{old.name}' generated with a different config ({diff}). "
+                          f"Rerun with the original config to resume it, or choose a new --out directory.")
+    return True
+
+
+def _clean_partial_files(out_dir: Path) -> int:
+    """Remove temporary files left by a killed run (complete shards are never temporary)."""
+    n = 0
+    for p in (out_dir / SHARDS).glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: list[str] | None = None,
+             progress: bool = True) -> dict:
+    """Generate (or resume) a zoo in ``out_dir``; returns the final manifest.
+
+    One MLflow run per call: params are the flattened config, metrics the progress, artifacts
+    the manifest and a plot of test accuracy over epochs.
+    """
+    import ray
+
+    from raysys import datasets, tracking
+
+    if isinstance(config, (str, Path)):
+        config = load_config(config, overrides)
+    elif overrides:
+        config = validate(ZooConfig, apply_overrides(config.model_dump(mode="json"), overrides), "overrides")
+    out_dir = Path(out_dir).expanduser().resolve()  # workers run in other directories
+    specs = expand(config)
+    shards = plan_shards(specs, config.models_per_shard)
+    splits = splits_for(len(specs), config.split_seed)
+    resuming = _check_resume(out_dir, config)
+    data = datasets.load(config.dataset.name, config.dataset.root, **config.dataset.options)
+    writer = ZooWriter(out_dir)
+    writer.write_manifest(_manifest(config, data, shards, splits, "running"))
+    _clean_partial_files(out_dir)
+    pending = [s for s in shards if not writer.is_complete(s.shard)]
+    done_model_epochs = sum(len(s.model_ids) for s in shards if s not in pending) * config.epochs
+    total = len(specs) * config.epochs
+
+    tags = {"raysys.stage": "zoo", "raysys.zoo": config.name, "raysys.out_dir": str(out_dir),
+            "raysys.version": __version__, "raysys.resumed": str(resuming).lower()}
+    started_ray = False
+    with tracking.start_run(config.mlflow.tracking_uri, config.mlflow.experiment, run_name=config.name,
+                            tags=tags, params=config.model_dump(mode="json")) as run:
+        import mlflow
+
+        mlflow.log_metrics({"models": len(specs), "shards_planned": len(shards),
+                            "shards_skipped": len(shards) - len(pending)})
+        t0 = time.time()
+        if pending:
+            if not ray.is_initialized():
+                ray.init(address=config.ray_address or "local", include_dashboard=False,
+                         configure_logging=False)
+                started_ray = True
+            try:
+                actor = _progress_actor()
+                watcher = _ProgressWatcher(actor, total, done_model_epochs, len(shards) - len(pending),
+                                           len(shards), run.info.run_id, config.mlflow.tracking_uri, progress)
+                with watcher:
+                    _run_trainer(config, out_dir, pending, splits, actor)
+            finally:
+                if started_ray:
+                    ray.shutdown()
+        wall = time.time() - t0
+        missing = [s.shard for s in shards if not writer.is_complete(s.shard)]
+        if missing:
+            raise RaysysError(f"shards {missing} of {out_dir} are incomplete after training. "
+                              f"Rerun the same command to resume.")
+        records = {s.shard: json.loads(writer.shard_path(s.shard).with_suffix(".json").read_text()) for s in shards}
+        manifest = _manifest(config, data, shards, splits, "complete", records)
+        writer.write_manifest(manifest)
+        summary = summarize(open_zoo(out_dir))
+        plot = out_dir / "summary.png"
+        plot_accuracy(open_zoo(out_dir), plot)
+        mlflow.log_metrics({"model_epochs_done": total, "wall_s": wall,
+                            "test_acc_last_mean": summary["test_acc_last"][0],
+                            "test_acc_last_std": summary["test_acc_last"][1],
+                            "diverged_models": summary["diverged_models"]})
+        mlflow.log_artifact(str(out_dir / "manifest.json"))
+        mlflow.log_artifact(str(plot))
+    shutil.rmtree(out_dir / ".ray_train", ignore_errors=True)  # Ray Train's run records; the zoo is complete
+    return manifest
+
+
+class _ProgressWatcher:
+    """Polls the progress actor from a thread: tqdm bar (models x epochs, rate, ETA) and MLflow metrics."""
+
+    def __init__(self, actor, total, done, shards_done, shards_total, run_id, tracking_uri, show, interval=0.5):
+        from tqdm import tqdm
+
+        from raysys import tracking
+
+        self.actor, self.done, self.shards_done, self.interval = actor, done, shards_done, interval
+        self.shards_total = shards_total
+        self.bar = tqdm(total=total, initial=done, unit="model-epoch", desc="zoo", disable=not show,
+                        dynamic_ncols=True, smoothing=0.1)
+        self.client, self.run_id = tracking.client(tracking_uri), run_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.last_logged = 0.0
+
+    def _poll(self, force=False):
+        import ray
+
+        try:
+            model_epochs, shards = ray.get(self.actor.get.remote(), timeout=10)
+        except Exception:
+            return
+        now = self.done + model_epochs
+        self.bar.update(now - self.bar.n)
+        self.bar.set_postfix(shards=f"{self.shards_done + shards}/{self.shards_total}", refresh=False)
+        if force or time.time() - self.last_logged > 5:
+            self.last_logged = time.time()
+            try:
+                self.client.log_metric(self.run_id, "model_epochs_done", now, step=now)
+                self.client.log_metric(self.run_id, "shards_done", self.shards_done + shards, step=now)
+            except Exception:  # progress metrics must never break a generation
+                pass
+
+    def _loop(self):
+        while not self.stop.wait(self.interval):
+            self._poll()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self._poll(force=True)
+        self.bar.close()
+        return False
+
+
+# --- summaries -------------------------------------------------------------------------------------
+
+def summarize(zoo) -> dict:
+    """Counts and accuracy statistics of a zoo (what ``raysys zoo info`` prints)."""
+    df = zoo.frame()
+    epochs = sorted(df["epoch"].unique())
+    first, last = df[df.epoch == epochs[0]], df[df.epoch == epochs[-1]]
+    models = df.drop_duplicates("model_id")
+    diverged = df.groupby("model_id")["diverged"].any()
+
+    def stat(col):
+        v = col.to_numpy(dtype=float)
+        v = v[np.isfinite(v)]
+        return (float(v.mean()), float(v.std())) if len(v) else (float("nan"), float("nan"))
+
+    return {
+        "name": zoo.manifest.get("name"), "arch": zoo.manifest.get("arch"), "status": zoo.manifest.get("status"),
+        "dataset": zoo.manifest.get("dataset", {}).get("name"), "num_params": zoo.num_params,
+        "models": int(models.shape[0]), "planned_models": zoo.manifest.get("num_models"),
+        "epochs": [int(epochs[0]), int(epochs[-1])], "rows": int(len(df)),
+        "splits": {k: int(v) for k, v in models["split"].value_counts().sort_index().items()},
+        "diverged_models": int(diverged.sum()),
+        "test_acc_first": stat(first["test_acc"]), "test_acc_last": stat(last["test_acc"]),
+        "shards": len(zoo.shard_files()), "planned_shards": len(zoo.manifest.get("shards", [])),
+    }
+
+
+def plot_accuracy(zoo, path: Path) -> None:
+    """Mean ± std of train and test accuracy over epochs (diverged rows left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = zoo.frame()
+    df = df[~df["diverged"]]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    for col, label in (("train_acc", "train"), ("test_acc", "test")):
+        g = df.groupby("epoch")[col]
+        mean, std = g.mean(), g.std().fillna(0.0)
+        ax.plot(mean.index, mean.values, label=f"{label} accuracy")
+        ax.fill_between(mean.index, (mean - std).values, (mean + std).values, alpha=0.25)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{zoo.manifest.get('name')}: {df.model_id.nunique()} models (mean ± std)")
+    ax.legend()
+    fig.tight_layout()
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def format_summary(s: dict) -> str:
+    def pm(t):
+        return f"{t[0]:.4f} ± {t[1]:.4f}"
+
+    splits = ", ".join(f"{k} {v}" for k, v in s["splits"].items())
+    return "\n".join([
+        f"zoo          {s['name']} ({s['status']})",
+        f"dataset      {s['dataset']}",
+        f"arch         {s['arch']} ({s['num_params']} parameters)",
+        f"models       {s['models']} of {s['planned_models']} planned ({s['shards']}/{s['planned_shards']} shards)",
+        f"epochs       {s['epochs'][0]}..{s['epochs'][1]}",
+        f"splits       {splits}",
+        f"rows         {s['rows']}",
+        f"diverged     {s['diverged_models']} models",
+        f"test acc     epoch {s['epochs'][0]}: {pm(s['test_acc_first'])}   epoch {s['epochs'][1]}: {pm(s['test_acc_last'])}",
+    ])
+
+
+# --- CLI --------------------------------------------------------------------------------------------
+
+def _cmd_generate(args) -> int:
+    overrides = list(args.set or [])
+    if args.models is not None:
+        overrides.append(f"models={args.models}")
+    if args.epochs is not None:
+        overrides.append(f"epochs={args.epochs}")
+    if args.address is not None:
+        overrides.append(f"ray_address={args.address}")
+    if args.tracking_uri is not None:
+        overrides.append(f"mlflow.tracking_uri={args.tracking_uri}")
+    if args.workers is not None:
+        overrides.append(f"resources.num_workers={args.workers}")
+    config = load_config(args.config, overrides)
+    t0 = time.time()
+    generate(config, args.out, progress=not args.no_progress)
+    print(format_summary(summarize(open_zoo(args.out))))
+    print(f"wall time    {time.time() - t0:.1f} s")
+    print(f"zoo written to {Path(args.out).resolve()}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    print(format_summary(summarize(open_zoo(args.dir))))
+    return 0
+
+
+def register(subparsers) -> None:
+    zoo = subparsers.add_parser("zoo", help="generate and inspect model zoos")
+    sub = zoo.add_subparsers(dest="zoo_command", required=True)
+
+    g = sub.add_parser("generate", help="train a zoo from a config on Ray Train (reruns resume)")
+    g.add_argument("config", help="zoo config YAML (see configs/zoo/)")
+    g.add_argument("--out", required=True, help="zoo directory; rerunning with the same config resumes it")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. grid.lr=[1e-3]")
+    g.add_argument("--models", type=int, help="keep only the first N models of the grid")
+    g.add_argument("--epochs", type=int, help="number of training epochs")
+    g.add_argument("--address", help="Ray cluster address (default: a local Ray)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
+    g.add_argument("--workers", type=int, help="number of Ray Train workers")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.set_defaults(func=_cmd_generate)
+
+    i = sub.add_parser("info", help="summarize a zoo directory")
+    i.add_argument("dir")
+    i.set_defaults(func=_cmd_info)

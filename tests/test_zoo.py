@@ -1,0 +1,256 @@
+"""Zoo generation: grid expansion, shard plan, shard training, and the real thing end to end —
+``raysys zoo generate`` on Ray Train, killed with SIGKILL mid-run, resumed, tracked in MLflow."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raysys import datasets
+from raysys.architectures import layout_of
+from raysys.config import RaysysError, validate
+from raysys.store import ZooWriter, open_zoo, splits_for
+from raysys.zoo import ZooConfig, expand, format_summary, generate, plan_shards, summarize, train_shard
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(**changes) -> ZooConfig:
+    d = {"name": "t", "dataset": {"name": "tetris"}, "arch": "tetris_ffn", "seeds": {"count": 3}, "epochs": 2}
+    d.update(changes)
+    return validate(ZooConfig, d)
+
+
+# --- expansion and shard plan ------------------------------------------------------------------
+
+HYP = {"init": ["uniform", "kaiming_normal"], "activation": ["tanh", "relu"], "optimizer": ["adam", "sgd"],
+       "lr": [1e-3, 1e-4], "dropout": [0.0, 0.5]}
+
+
+def test_seed_zoo_varies_only_the_seed():
+    specs = expand(config(seeds={"start": 1, "count": 50}))
+    assert [s.seed for s in specs] == list(range(1, 51))
+    assert len({(s.init, s.activation, s.lr, s.optimizer) for s in specs}) == 1
+
+
+def test_hyp_10_fix_uses_the_same_seeds_for_every_grid_point():
+    specs = expand(config(grid=HYP, seeds={"start": 1, "count": 10}))
+    assert len(specs) == 32 * 10
+    by_point: dict[tuple, list[int]] = {}
+    for s in specs:
+        by_point.setdefault((s.init, s.activation, s.optimizer, s.lr, s.dropout), []).append(s.seed)
+    assert len(by_point) == 32
+    assert all(sorted(v) == list(range(1, 11)) for v in by_point.values())
+
+
+def test_hyp_10_rand_draws_distinct_seeds_per_point_reproducibly():
+    c = config(grid=HYP, seeds={"random": 10, "seed": 7})
+    specs = expand(c)
+    assert len(specs) == 320 and specs == expand(c)
+    by_point: dict[tuple, list[int]] = {}
+    for s in specs:
+        by_point.setdefault((s.init, s.activation, s.optimizer, s.lr, s.dropout), []).append(s.seed)
+    assert all(len(set(v)) == 10 for v in by_point.values())
+    assert len({tuple(v) for v in by_point.values()}) == 32  # points do not share a seed list
+    other = expand(config(grid=HYP, seeds={"random": 10, "seed": 8}))
+    assert [s.seed for s in other] != [s.seed for s in specs]
+
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(1, 6), extra=st.integers(1, 4), random=st.booleans(), n_lr=st.integers(1, 3))
+def test_model_ids_are_stable_when_seeds_are_added(count, extra, random, n_lr):
+    grid = {"lr": [10.0 ** -k for k in range(1, n_lr + 1)], "activation": ["tanh", "relu"]}
+    seeds = (lambda n: {"random": n}) if random else (lambda n: {"count": n})
+    small, big = expand(config(grid=grid, seeds=seeds(count))), expand(config(grid=grid, seeds=seeds(count + extra)))
+    assert big[:len(small)] == small
+    # a prefix (--models) covers every grid point before repeating one
+    first = big[:2 * n_lr]
+    assert len({(s.lr, s.activation) for s in first}) == 2 * n_lr
+
+
+def test_models_keeps_a_prefix_and_rejects_too_many():
+    c = config(grid=HYP, seeds={"count": 10})
+    assert expand(c.model_copy(update={"models": 40})) == expand(c)[:40]
+    with pytest.raises(RaysysError, match="only 320 models"):
+        expand(config(grid=HYP, seeds={"count": 10}, models=321))
+
+
+@settings(max_examples=25, deadline=None)
+@given(per_shard=st.integers(1, 40), count=st.integers(1, 8))
+def test_shards_partition_the_zoo_into_single_population_chunks(per_shard, count):
+    specs = expand(config(grid=HYP, seeds={"count": count}))
+    shards = plan_shards(specs, per_shard)
+    ids = [m for s in shards for m in s.model_ids]
+    assert sorted(ids) == list(range(len(specs)))
+    by_id = {s.model_id: s for s in specs}
+    for sh in shards:
+        assert 1 <= len(sh.model_ids) <= per_shard
+        assert {by_id[m].population_key() for m in sh.model_ids} == {sh.population}
+    assert [s.shard for s in shards] == list(range(len(shards)))
+    assert len({s.population for s in shards}) == 8  # activation x optimizer x dropout
+
+
+# --- one shard, no Ray --------------------------------------------------------------------------
+
+def test_train_shard_writes_every_epoch_of_every_model(tmp_path):
+    c = config(seeds={"count": 5}, epochs=2, grid={"init": "kaiming_uniform", "lr": 1e-2})
+    tetris = datasets.load("tetris", copies=2)
+    specs = expand(c)
+    splits = splits_for(len(specs), 0)
+    shard = plan_shards(specs, 3)[1]
+    done = []
+    record = train_shard(c.arch, shard, specs, tetris, c.epochs, splits, ZooWriter(tmp_path), on_progress=done.append)
+    assert record["rows"] == len(shard.model_ids) * 3 and record["model_ids"] == [3, 4]
+    assert sum(done) == len(shard.model_ids) * c.epochs  # models x epochs trained, epoch 0 is the init
+    ZooWriter(tmp_path).write_manifest({"layout": layout_of("tetris_ffn", 1, 4).to_dict()})
+    df = open_zoo(tmp_path).frame()
+    assert sorted(zip(df.model_id, df.epoch)) == [(m, e) for m in (3, 4) for e in range(3)]
+    assert list(df.drop_duplicates("model_id").split) == [splits[3], splits[4]]
+    assert set(df.seed) == {4, 5} and set(df.init) == {"kaiming_uniform"}
+
+
+# --- the real thing: CLI, Ray Train, SIGKILL, resume, MLflow --------------------------------------
+
+TINY = {
+    "name": "tiny", "dataset": {"name": "tetris", "options": {"copies": 2}}, "arch": "tetris_ffn",
+    "grid": {"init": "kaiming_uniform", "lr": 1e-2}, "seeds": {"start": 1, "count": 16},
+    "epochs": 3, "models_per_shard": 2, "mlflow": {"experiment": "zoo-test"},
+}
+
+
+def _reference_weights(tmp_path):
+    """The uninterrupted result: every shard trained in this process by the same shard function."""
+    c = validate(ZooConfig, TINY)
+    data = datasets.load(c.dataset.name, **c.dataset.options)
+    specs = expand(c)
+    splits = splits_for(len(specs), c.split_seed)
+    writer = ZooWriter(tmp_path / "reference")
+    writer.write_manifest({"layout": layout_of("tetris_ffn", 1, 4).to_dict()})
+    for shard in plan_shards(specs, c.models_per_shard):
+        train_shard(c.arch, shard, specs, data, c.epochs, splits, writer)
+    return open_zoo(tmp_path / "reference").weights()
+
+
+def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_local, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from raysys import cli
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "zoo"
+    writer = ZooWriter(out)
+    n_shards = 8
+    address = ray_local.get_runtime_context().gcs_address
+
+    # 1. a real `raysys zoo generate` in its own process (joined to the test's Ray), SIGKILLed once a shard is done
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raysys.cli", "zoo", "generate", str(cfg), "--out", str(out),
+         "--address", address, "--tracking-uri", mlflow_uri, "--no-progress"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list((out / "shards").glob("shard-*.json")):
+        time.sleep(0.05)
+    alive = proc.poll() is None
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    log.close()
+    assert alive, f"generation ended before it could be killed:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+    # The killed job's Ray Train worker lives in the cluster until Ray reaps the dead driver's actors;
+    # wait until it has stopped writing so the state below is what the rerun starts from.
+    last, stable_since = None, time.time()
+    while time.time() - stable_since < 3:
+        state = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "shards").glob("shard-*"))
+        if state != last:
+            last, stable_since = state, time.time()
+        time.sleep(0.2)
+    complete = [s for s in range(n_shards) if writer.is_complete(s)]
+    assert 1 <= len(complete) < n_shards, complete
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "running" and len(manifest["shards"]) == n_shards
+    before = {s: writer.shard_path(s).stat().st_mtime_ns for s in complete}
+
+    # 2. what a crash mid-write can leave: a temp file, and a truncated parquet without its record
+    torn = max(s for s in range(n_shards) if s not in complete)
+    writer.shard_path(torn).write_bytes(b"PAR1 truncated")
+    writer.shard_path(torn).with_suffix(".json").unlink(missing_ok=True)
+    (out / "shards" / f".shard-{torn:05d}.parquet.deadbeef.tmp").write_bytes(b"half")
+
+    # 3. rerun the same command: skips complete shards, redoes the rest
+    rc = cli.main(["zoo", "generate", str(cfg), "--out", str(out), "--tracking-uri", mlflow_uri, "--no-progress"])
+    assert rc == 0
+    assert all(writer.is_complete(s) for s in range(n_shards))
+    assert {s: writer.shard_path(s).stat().st_mtime_ns for s in complete} == before  # not retrained
+    assert not [p for p in out.rglob("*.tmp")]
+
+    w, meta = open_zoo(out).weights()
+    keys = list(zip(meta.model_id, meta.epoch))
+    assert len(keys) == len(set(keys)) == 16 * 4  # exactly one row per (model, epoch)
+    assert set(keys) == {(m, e) for m in range(16) for e in range(4)}
+    ref_w, ref_meta = _reference_weights(tmp_path)
+    assert list(zip(ref_meta.model_id, ref_meta.epoch)) == keys
+    np.testing.assert_allclose(w, ref_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(meta.test_acc, ref_meta.test_acc, atol=1e-9)
+    assert (meta.groupby("model_id").split.nunique() == 1).all()
+
+    final = json.loads((out / "manifest.json").read_text())
+    assert final["status"] == "complete" and all(len(s["sha256"]) == 64 for s in final["shards"])
+    assert final["dataset"]["name"] == "tetris" and final["layout"]["arch"] == "tetris_ffn"
+    assert final["splits"] == splits_for(16, 0)
+
+    # 4. MLflow: one run per invocation; the completed one has params, progress metrics and artifacts
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("zoo-test")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    assert len(runs) == 2
+    run = runs[-1]
+    assert run.info.status == "FINISHED" and run.data.tags["raysys.resumed"] == "true"
+    assert run.data.params["epochs"] == "3" and run.data.params["grid.lr"] == "[0.01]"
+    assert run.data.params["seeds.count"] == "16" and run.data.params["dataset.name"] == "tetris"
+    assert run.data.metrics["model_epochs_done"] == 16 * 3
+    assert run.data.metrics["shards_skipped"] == len(complete)
+    assert 0.0 <= run.data.metrics["test_acc_last_mean"] <= 1.0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"manifest.json", "summary.png"} <= artifacts
+
+    # 5. a rerun of a complete zoo trains nothing; another config is refused with the fix named
+    generate(validate(ZooConfig, {**TINY, "mlflow": {"experiment": "zoo-test", "tracking_uri": mlflow_uri}}),
+             out, progress=False)
+    assert {s: writer.shard_path(s).stat().st_mtime_ns for s in complete} == before
+    with pytest.raises(RaysysError, match=r"different config \(epochs: 3 -> 4\).*new --out"):
+        generate(cfg, out, overrides=["epochs=4", f"mlflow.tracking_uri={mlflow_uri}"], progress=False)
+
+    # 6. zoo info summarizes it
+    s = summarize(open_zoo(out))
+    assert s["models"] == 16 and s["rows"] == 64 and s["epochs"] == [0, 3]
+    assert sum(s["splits"].values()) == 16 and s["splits"]["train"] == 11
+    text = format_summary(s)
+    assert "tetris_ffn (100 parameters)" in text and "16 of 16" in text
+
+
+def test_info_cli_and_errors(tmp_path, capsys):
+    from raysys import cli
+
+    assert cli.main(["zoo", "info", str(tmp_path / "nowhere")]) == 2
+    assert "raysys zoo generate" in capsys.readouterr().err
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "epoch": 3}))
+    assert cli.main(["zoo", "generate", str(cfg), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'epoch'" in err and "did you mean 'epochs'" in err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "something.txt").write_text("x")
+    cfg.write_text(yaml.safe_dump(TINY))
+    with pytest.raises(RaysysError, match="not empty"):
+        generate(cfg, tmp_path / "full", progress=False)
