@@ -257,7 +257,12 @@ def make_zoo(root: Path, n: int = 20, epochs: int = 4) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_zoo(tmp_path_factory):
-    return make_zoo(tmp_path_factory.mktemp("zoo") / "tetris")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: extra threads only wait on each other on a shared machine
+    try:
+        return make_zoo(tmp_path_factory.mktemp("zoo") / "tetris")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_training_lowers_reconstruction_and_tracks_in_mlflow(tiny_zoo, tmp_path, mlflow_uri):
@@ -266,8 +271,9 @@ def test_training_lowers_reconstruction_and_tracks_in_mlflow(tiny_zoo, tmp_path,
     from raysys.hyperrep.train import train
 
     cfg = validate(HyperRepConfig, {**TINY, "train": {"epochs": 12, "batch_size": 16, "lr": 2e-3,
-                                                      "epoch_window": [2, 4], "patience": 50}})
-    reported = []
+                                                      "epoch_window": [2, 4], "patience": 50,
+                                                      "threads": 1}})
+    reported, threads_before = [], torch.get_num_threads()
     summary = train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri,
                     report=lambda e, m: reported.append((e, m)), progress=False)
     history = json.loads((tmp_path / "ck" / "history.json").read_text())
@@ -287,6 +293,8 @@ def test_training_lowers_reconstruction_and_tracks_in_mlflow(tiny_zoo, tmp_path,
     # The best checkpoint reloads, reproduces the reported validation loss, and guards its architecture.
     model = load_for_zoo(tmp_path / "ck", tiny_zoo)
     assert model.meta["zoo"]["manifest_sha256"] and model.meta["epoch"] == summary["best_epoch"]
+    assert model.meta["mlflow_run_id"] == run.info.run_id
+    assert torch.get_num_threads() == threads_before  # train() restores the thread count
     other = make_zoo_like_cnn(tmp_path / "other")
     with pytest.raises(RaysysError, match="trained on 'tetris_ffn'"):
         load_for_zoo(tmp_path / "ck", other)

@@ -56,6 +56,8 @@ class TrainConfig(Config):
     epoch_window: tuple[int, int] = Field((21, 25), description="zoo epochs used as training data, inclusive")
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int | None = Field(None, gt=0, description="CPU threads for torch during training (None: torch's default). "
+                                "1 is fastest on a busy shared machine, where threads spin waiting for cores")
 
     @model_validator(mode="after")
     def _window(self):

@@ -79,7 +79,17 @@ def train(config: HyperRepConfig | dict, zoo_dir: str | Path, out_dir: str | Pat
     (:func:`raysys.tracking.resolve_tracking_uri`); one MLflow run per call.
     """
     cfg = config if isinstance(config, HyperRepConfig) else validate(HyperRepConfig, config)
-    tc, out_dir = cfg.train, Path(out_dir)
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return _train(cfg, Path(zoo_dir), Path(out_dir), tracking_uri, report, experiment, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, report, experiment, progress) -> dict:
+    tc = cfg.train
     zoo = open_zoo(zoo_dir)
     data = load_window(zoo, tc.epoch_window)
     device = resolve_device(tc.device)
@@ -108,6 +118,7 @@ def train(config: HyperRepConfig | dict, zoo_dir: str | Path, out_dir: str | Pat
               "data": meta["data"]}
     with tracking.start_run(tracking_uri, experiment, run_name=f"hyperrep-{out_dir.name}",
                             tags={"raysys.stage": "hyperrep"}, params=params) as run:
+        meta["mlflow_run_id"] = run.info.run_id  # lets evaluation link back to the training run
         train_w, n = data["train"], len(data["train"])
         best = {"val_rec": math.inf, "epoch": -1}
         best_state, history, stale, t0 = None, [], 0, time.time()
