@@ -127,7 +127,9 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     ae = PCAAutoencoder(W, 8, zoo.layout)
     weak = PCAAutoencoder(W, 2, zoo.layout)  # stands in for the autoencoder trained without LWLN
     out = tmp_path / "out"
-    res = run_populations(tiny_config(), tiny_zoo, None, out, autoencoder=ae, nolwln_autoencoder=weak,
+    cfg = tiny_config()
+    cfg.finetune.num_actors = 1  # one actor start-up: the two-actor pool is tested above
+    res = run_populations(cfg, tiny_zoo, None, out, autoencoder=ae, nolwln_autoencoder=weak,
                           tracking_uri=mlflow_uri, progress=False)
     pops = {(p["setting"], p["name"]): p for p in res["populations"]}
     assert set(pops) == {("in_dataset", m) for m in ["S_KDE", "S_KDE30", "B_KDE30", "B_T", "B_noise_0.02", "S_U"]} \

@@ -13,6 +13,7 @@ they have loaded, so a pool of k actors fine-tunes k populations at a time.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,6 +131,13 @@ def run_jobs(jobs: list[Job], num_actors: int = 2, cpus_per_actor: float = 1.0, 
         raise RaysysError("Ray is not initialized. Call ray.init(address=...) first (address='local' on a laptop).")
     if not jobs:
         return []
+    have = ray.cluster_resources()
+    for name, want in (("GPU", gpus_per_actor), ("CPU", cpus_per_actor)):
+        if want > have.get(name, 0):
+            # Not an error: an autoscaling cluster adds GPU nodes on demand. On a laptop it would wait forever.
+            warnings.warn(f"each fine-tuning actor asks for {want} {name}(s) but the Ray cluster has "
+                          f"{have.get(name, 0)} right now; actors wait until an autoscaler adds nodes. On a fixed "
+                          f"cluster or a laptop set finetune.{name.lower()}s_per_actor to at most that.", stacklevel=2)
     actor_cls = ray.remote(FinetuneWorker)
     k = max(1, min(num_actors, len(jobs)))
     actors = [actor_cls.options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor).remote(max(1, int(cpus_per_actor)))
