@@ -17,6 +17,7 @@ everything is also logged to MLflow as one run tagged with the checkpoint it eva
 """
 from __future__ import annotations
 
+import io
 import math
 import re
 from pathlib import Path
@@ -79,7 +80,7 @@ def zoo_dataset(manifest: dict, data_root: str | None = None) -> datasets.ImageD
     if name is None:
         raise RaysysError("the zoo manifest has no dataset record ('dataset.name'); it was not written by "
                           "'raysys zoo generate'. Regenerate the zoo.")
-    accepted = set(datasets.options_of(name)) if hasattr(datasets, "options_of") and name in datasets.LOADERS else set()
+    accepted = set(datasets.options_of(name)) if name in datasets.LOADERS else set()
     section = (manifest.get("config") or {}).get("dataset") or {}
     section = {**section, **(section.get("options") or {})} if isinstance(section, dict) else {}
     options = {k: v for k, v in section.items() if k in accepted and k not in ("root", "download")}
@@ -123,14 +124,11 @@ def summarize(acc: np.ndarray, num_classes: int) -> dict:
 
 def plot_reconstruction(original, decoded, acc_orig, acc_dec, layout: Layout, chance: float, path: Path):
     """000 Figure 2: one panel per layer (original vs reconstructed weights), plus accuracies."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     panels = len(layout.layers) + 1
     cols = min(panels, 4)
     rows = math.ceil(panels / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig = _figure(4 * cols, 3 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     axes = axes.ravel()
     for ax, layer in zip(axes, layout.layers):
         cols_ = np.concatenate([np.arange(layout.tensor(n).offset, layout.tensor(n).offset + layout.tensor(n).numel)
@@ -157,9 +155,6 @@ def plot_reconstruction(original, decoded, acc_orig, acc_dec, layout: Layout, ch
 
 def plot_latent(z: np.ndarray, frame: pd.DataFrame, path: Path):
     """z in 2-D (PCA), one panel per colouring: test accuracy and each varying hyperparameter."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from sklearn.decomposition import PCA
 
     reg, cls = varying_targets(frame)
@@ -167,7 +162,8 @@ def plot_latent(z: np.ndarray, frame: pd.DataFrame, path: Path):
     xy = PCA(n_components=2).fit_transform(z) if z.shape[1] >= 2 else np.c_[z, np.zeros(len(z))]
     cols = min(len(keys), 3)
     rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    fig = _figure(4.6 * cols, 3.8 * rows)
+    axes = fig.subplots(rows, cols, squeeze=False)
     axes = axes.ravel()
     for ax in axes[len(keys):]:
         ax.axis("off")
@@ -186,13 +182,17 @@ def plot_latent(z: np.ndarray, frame: pd.DataFrame, path: Path):
     _save(fig, path)
 
 
-def _save(fig, path: Path):
-    import matplotlib.pyplot as plt
-    import io
+def _figure(width: float, height: float):
+    # The object-oriented API renders with Agg and never touches pyplot's global backend or state;
+    # imported here so that building the CLI parser does not pay for matplotlib.
+    from matplotlib.figure import Figure
 
+    return Figure(figsize=(width, height))
+
+
+def _save(fig, path: Path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
