@@ -64,6 +64,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
         uri = tracking_uri(config, out)
         stages["zoo"].mlflow.tracking_uri = uri
         stages["populations"].mlflow.tracking_uri = uri
+        ensure_experiments(uri, [stages["zoo"].mlflow.experiment, EXPERIMENTS["hyperrep"],
+                                 stages["populations"].mlflow.experiment, EXPERIMENTS["pipeline"]])
         h = stage_hashes(config, stages)
         runs: dict[str, str | None] = {}
 
@@ -258,6 +260,21 @@ def tracking_uri(config: PipelineConfig, out: Path) -> str:
 
     uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
     return tracking.resolve_tracking_uri(uri)
+
+
+def ensure_experiments(uri: str, names: list[str]) -> None:
+    """Create the stage experiments up front, with artifacts beside a sqlite database.
+
+    Left to MLflow, an experiment created on a sqlite store keeps its artifacts in ./mlruns of
+    whichever directory the first run happened to start in; with a server, the server decides.
+    """
+    from raysys import tracking
+
+    client = tracking.client(uri)
+    root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
+    for name in names:
+        if client.get_experiment_by_name(name) is None:
+            client.create_experiment(name, artifact_location=None if root is None else str(root / name))
 
 
 def find_run(uri: str, experiment: str, out_dir: Path) -> str | None:
