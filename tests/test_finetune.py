@@ -175,6 +175,15 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     assert (out / "report.md").read_text() == md
 
 
+def test_methods_draw_from_distinct_seeded_streams():
+    from raysys.populations.stage import _method_seed
+    cfg = tiny_config()
+    seeds = {m: _method_seed(cfg, "generate", m) for m in cfg.methods}
+    assert len(set(seeds.values())) == len(seeds)
+    assert seeds == {m: _method_seed(tiny_config(), "generate", m) for m in cfg.methods}
+    assert _method_seed(tiny_config(seed=1), "generate", "S_KDE") != seeds["S_KDE"]
+
+
 def test_shipped_configs_validate_and_bad_zoo_is_clear(tiny_zoo, tmp_path):
     for path in sorted((ROOT / "configs" / "populations").glob("*.yaml")):
         cfg = load(PopulationsConfig, path)
@@ -185,3 +194,32 @@ def test_shipped_configs_validate_and_bad_zoo_is_clear(tiny_zoo, tmp_path):
     with pytest.raises(RaysysError, match="same shape"):
         run_populations(tiny_config(transfer={"dataset": "digits"}), tiny_zoo, None, tmp_path, autoencoder=ae,
                         progress=False)
+
+
+def test_cli_sample_then_finetune_with_a_real_checkpoint(ray_local, tiny_zoo, tmp_path, capsys):
+    """`raysys sample` loads a real HyperRepresentation checkpoint (untrained, tiny), decodes and
+    checks the layout; `raysys finetune` trains the saved population on an actor."""
+    from safetensors.numpy import load_file
+
+    from raysys.cli import main
+    from raysys.hyperrep import HyperRepConfig, HyperRepresentation
+
+    hcfg = validate(HyperRepConfig, {"model": {"d_model": 8, "heads": 1, "layers": 1, "ff": 8, "latent_dim": 4,
+                                               "projection_dim": 4}, "train": {"epoch_window": [2, 3]}})
+    torch.manual_seed(0)
+    HyperRepresentation(hcfg, open_zoo(tiny_zoo).layout).save(tmp_path / "ckpt")
+    config = str(ROOT / "configs" / "populations" / "digits.yaml")
+    pop = tmp_path / "pop.safetensors"
+    assert main(["sample", config, "--zoo", str(tiny_zoo), "--checkpoint", str(tmp_path / "ckpt"),
+                 "--method", "S_KDE30", "-n", "3", "--out", str(pop)]) == 0
+    W = load_file(str(pop))["weights"]
+    assert W.shape == (3, 100) and np.isfinite(W).all()
+    assert "test accuracy before fine-tuning" in capsys.readouterr().out
+    assert main(["finetune", config, "--zoo", str(tiny_zoo), "--weights", str(pop), "--out", str(tmp_path / "ft"),
+                 "--set", "finetune.budgets=[0,1]", "--set", "finetune.num_actors=1"]) == 0
+    acc = np.array(json.loads((tmp_path / "ft" / "finetune.json").read_text())["metrics"]["test_acc"])
+    assert acc.shape == (2, 3) and np.isfinite(acc).all()
+    # A user error is one line on stderr, exit code 2, no traceback.
+    assert main(["sample", config, "--zoo", str(tmp_path / "nope"), "--checkpoint", str(tmp_path / "ckpt"),
+                 "--out", str(pop)]) == 2
+    assert "is not a zoo" in capsys.readouterr().err

@@ -51,7 +51,9 @@ def cmd_sample(args) -> int:
     cfg, view, anchors = stage.prepare(cfg, args.zoo, aes)
     if args.method == "B_KDE30" and "nolwln" not in aes:
         raise RaysysError("B_KDE30 needs the autoencoder trained without LWLN: pass --nolwln-checkpoint DIR.")
-    W = stage.initial_weights(args.method, cfg, anchors, aes, view, max(cfg.zoo_epochs), cfg.seed)
+    # The same seed as 'populations run': this is exactly the population the stage would fine-tune.
+    W = stage.initial_weights(args.method, cfg, anchors, aes, view, max(cfg.zoo_epochs),
+                              stage._method_seed(cfg, "generate", args.method))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage._save_population(out, W)

@@ -18,6 +18,7 @@ compared on the same mini-batch sequences.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -194,8 +195,8 @@ def initial_weights(method: str, cfg: PopulationsConfig, anchors: dict, autoenco
                                         random_state=rng_seed)
         Z = sampler.fit(anchors[which], anchors["val_acc"]).sample(n)
         return generate.decode(autoencoders[which], Z, view.layout, s.batch_size)
-    if m := samplers_noise(method):
-        W, _ = samplers.noise_population(anchors["weights"], anchors["val_acc"], n, m, s.top_fraction, rng_seed)
+    if (sigma := _noise_sigma(method)) is not None:
+        W, _ = samplers.noise_population(anchors["weights"], anchors["val_acc"], n, sigma, s.top_fraction, rng_seed)
         return W
     if method == "B_F":
         W, meta = view.states([source_epoch])
@@ -205,14 +206,15 @@ def initial_weights(method: str, cfg: PopulationsConfig, anchors: dict, autoenco
     raise RaysysError(f"unknown method '{method}'")
 
 
-def samplers_noise(method: str) -> float | None:
+def _noise_sigma(method: str) -> float | None:
     m = NOISE.match(method)
     return float(m.group(1)) if m else None
 
 
 def _method_seed(cfg: PopulationsConfig, setting: str, method: str) -> int:
     # Stable per (seed, setting, method), independent of the order methods are listed in.
-    return int.from_bytes(f"{cfg.seed}/{setting}/{method}".encode(), "little") % (2 ** 63)
+    digest = hashlib.sha256(f"{cfg.seed}/{setting}/{method}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 # --- tracking -------------------------------------------------------------------------------
