@@ -32,13 +32,18 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def connect(address: str | None) -> None:
-    import ray
-
+def ray_address(address: str | None) -> str:
+    """The cluster to join: --address, else RAY_ADDRESS (set inside `ray job submit`); checked before any work."""
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise RaysysError("no Ray cluster to run on: RAY_ADDRESS is not set. Submit the job with "
                           "`ray job submit --working-dir . -- python jobs/...`, or pass --address local to run here.")
+    return address
+
+
+def connect(address: str) -> None:
+    import ray
+
     ray.init(address=address, include_dashboard=False if address == "local" else None, configure_logging=False)
     print(f"raysys job: connected to Ray at {address}: {ray.cluster_resources()}", flush=True)
 

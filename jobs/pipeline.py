@@ -11,13 +11,14 @@ import _common
 
 
 def run():
-    from raysys import pipeline
-
     args = _common.parser(__doc__.splitlines()[0]).parse_args()
+    address = _common.ray_address(args.address)
+    from raysys import pipeline  # after argument checks: it imports torch, pyarrow and mlflow
+
     config = pipeline.load_config(args.config, args.set)
     if args.tracking_uri:
         config.tracking_uri = args.tracking_uri
-    _common.connect(args.address)
+    _common.connect(address)
     report = pipeline.run_pipeline(config, args.out, config_dir=Path(args.config).parent, progress=False)
     print(f"raysys job: pipeline done: {args.out}/report.md; MLflow run {report['mlflow']['pipeline_run']} "
           f"at {report['mlflow']['tracking_uri']}", flush=True)

@@ -8,18 +8,18 @@ import _common
 
 
 def run():
-    from raysys.config import apply_overrides, read_yaml, validate
-    from raysys.populations import PopulationsConfig, run_populations
-
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--zoo", required=True, help="zoo directory on shared storage")
     p.add_argument("--checkpoint", required=True, help="autoencoder checkpoint directory")
     p.add_argument("--nolwln-checkpoint", default=None, help="autoencoder trained without LWLN (for B_KDE30)")
     args = p.parse_args()
-    config = validate(PopulationsConfig, apply_overrides(read_yaml(args.config), args.set), source=args.config)
-    out = _common.local_out(args.out)
+    out, address = _common.local_out(args.out), _common.ray_address(args.address)
     nolwln = _common.local_out(args.nolwln_checkpoint) if args.nolwln_checkpoint else None
-    _common.connect(args.address)
+    from raysys.config import apply_overrides, read_yaml, validate
+    from raysys.populations import PopulationsConfig, run_populations
+
+    config = validate(PopulationsConfig, apply_overrides(read_yaml(args.config), args.set), source=args.config)
+    _common.connect(address)
     results = run_populations(config, _common.local_out(args.zoo), _common.local_out(args.checkpoint), out, nolwln,
                               tracking_uri=args.tracking_uri, progress=False)
     print(f"raysys job: {len(results['populations'])} populations; report in {out}/report.md", flush=True)

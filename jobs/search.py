@@ -32,7 +32,7 @@ def run():
         raise RaysysError("this raysys has no search stage (raysys.search with main() or a 'raysys search' command). "
                           "Update the working dir to a raysys version that has it, or use jobs/hyperrep.py.")
     if "-h" not in argv and "--help" not in argv:
-        _common.connect(None)  # from RAY_ADDRESS; the search then finds Ray initialized
+        _common.connect(_common.ray_address(None))  # the search then finds Ray initialized
     status = entry(argv)
     if status:
         sys.exit(int(status))

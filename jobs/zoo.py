@@ -7,8 +7,6 @@ import _common
 
 
 def run():
-    from raysys import zoo
-
     p = _common.parser(__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the config's)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
@@ -20,8 +18,10 @@ def run():
         overrides.append(f"resources.num_workers={args.workers}")
     if args.gpu:
         overrides.append("resources.use_gpu=true")
-    out = _common.local_out(args.out)
-    _common.connect(args.address)
+    out, address = _common.local_out(args.out), _common.ray_address(args.address)
+    from raysys import zoo
+
+    _common.connect(address)
     manifest = zoo.generate(args.config, out, overrides, progress=False)
     print(f"raysys job: zoo {manifest['name']} complete: {manifest['num_models']} models in {out}", flush=True)
 

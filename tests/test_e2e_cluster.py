@@ -136,7 +136,7 @@ def services(tmp_path_factory):
         wait_http(f"{mlflow_url}/health", mlflow_proc, logs / "mlflow.log", START_TIMEOUT)
         yield {"dashboard": dashboard, "mlflow": mlflow_url, "env": env, "token": token, "logs": logs}
     finally:
-        stop([ray_proc, mlflow_proc], markers=[ray_tmp, str(mlflow_dir)])
+        stop([ray_proc, mlflow_proc], markers=[ray_tmp, f"{mlflow_dir}/"])
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 

@@ -207,3 +207,51 @@ def test_cli_registers_pipeline_command():
     pipeline.register(parser.add_subparsers())
     args = parser.parse_args(["pipeline", str(TINY), "--out", "/tmp/x", "--set", "zoo.epochs=2"])
     assert args.func is pipeline._cmd and args.set == ["zoo.epochs=2"]
+
+
+# --- jobs/ ------------------------------------------------------------------------------------
+
+# jobs/search.py forwards to `raysys search`, whose --help imports every stage: compiled only, to stay fast
+JOBS = ["pipeline", "zoo", "hyperrep", "populations"]
+
+
+def run_job_script(name: str, *args: str, env: dict | None = None):
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{name}.py"), *args], capture_output=True, text=True,
+                          timeout=120, env={**base, **(env or {})}, cwd="/")
+
+
+@pytest.mark.parametrize("name", JOBS)
+def test_job_scripts_start_from_any_directory(name):
+    """`python jobs/x.py` must import the raysys next to it (Ray runs it inside the uploaded working dir)."""
+    res = run_job_script(name, "--help")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "usage:" in res.stdout and "--out" in res.stdout
+
+
+def test_search_job_compiles():
+    import py_compile
+
+    py_compile.compile(str(ROOT / "jobs" / "search.py"), doraise=True)
+
+
+def test_job_outside_a_cluster_says_how_to_submit_it(tmp_path):
+    res = run_job_script("pipeline", "--config", str(TINY), "--out", str(tmp_path / "out"))
+    assert res.returncode == 2
+    assert "RAY_ADDRESS is not set" in res.stderr and "ray job submit" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_job_refuses_a_remote_uri_it_cannot_write(tmp_path):
+    res = run_job_script("zoo", "--config", str(TINY), "--out", "s3://bucket/zoo")
+    assert res.returncode == 2 and "writes through the local filesystem" in res.stderr
+
+
+def test_runtime_env_keeps_data_out_of_the_upload():
+    env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
+    for pattern in (".git", "mlflow.db", "ray_results/", "runs/", "*.parquet", "*.safetensors"):
+        assert pattern in env["excludes"]
+    assert "pip" not in env  # nodes have the dependencies (cluster.yaml); a per-job pip env reinstalls torch
