@@ -29,8 +29,6 @@ Layout of ``--out``::
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import difflib
 import json
 import math
@@ -446,11 +444,15 @@ def _floor(value: float) -> float:
 STATE = "trial_state.json"  # in every trial checkpoint: epoch, objectives, whether training finished
 
 
-def run_trial(config: dict, search: dict, zoo_dir: str) -> None:
+def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
     """Train one autoencoder, report objectives to Tune each evaluation epoch with a checkpoint.
 
     ``config`` is what :class:`DefineByRun` returned (plus Optuna's raw parameter names, ignored).
+    The trial's MLflow child run is hyperrep.train's own run: created here under the search's
+    parent and handed to train through ``MLFLOW_RUN_ID``, so it holds the full autoencoder params,
+    learning curves and checkpoint, plus the objectives logged below.
     """
+    import mlflow
     import ray.tune
     import torch
 
@@ -463,9 +465,11 @@ def run_trial(config: dict, search: dict, zoo_dir: str) -> None:
     if search.resources.gpu > 0 and hyperrep.train.device == "auto":
         hyperrep = hyperrep.model_copy(update={"train": hyperrep.train.model_copy(update={"device": "cuda"})})
     sampler = trial_sampler(search, config["sampler"])
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_id = child_run(tracking, trial_id, sampler)
     objectives = Objectives(zoo_dir, hyperrep, sampler, search.objectives, seed=search.seed)
 
-    work = Path(tempfile.mkdtemp(prefix="raysys-trial-"))
+    work = Path(tempfile.mkdtemp(prefix="raysys-search-")) / f"trial-{trial_id}"
     try:
         restored = ray.tune.get_checkpoint()
         if restored is not None:
@@ -490,36 +494,41 @@ def run_trial(config: dict, search: dict, zoo_dir: str) -> None:
             result = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             result.update(epoch=epoch, completed=0)
             if epoch % search.eval_every == 0 or epoch == hyperrep.train.epochs:
-                result.update(evaluate(epoch))
+                values = evaluate(epoch)
+                result.update(values)
+                mlflow.log_metrics({k: v for k, v in values.items() if math.isfinite(v)}, step=epoch)
             _report(result, work)
             last["result"] = result
 
-        with _no_nested_tracking():
-            train(hyperrep, zoo_dir, work, tracking_uri=None, report=report, progress=False)
+        os.environ["MLFLOW_RUN_ID"] = run_id  # train's start_run resumes this run (and clears the variable)
+        try:
+            train(hyperrep, zoo_dir, work, tracking_uri=tracking["tracking_uri"],
+                  experiment=tracking["experiment"], report=report, progress=False)
+        finally:
+            os.environ.pop("MLFLOW_RUN_ID", None)
         final = dict(last["result"], completed=1)
         final.update(evaluate(final["epoch"]))  # early stop (patience) may end between evaluations
         _report(final, work)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work.parent, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _no_nested_tracking():
-    """The trial's MLflow run is the search's child run, logged by the driver. hyperrep.train turns
-    ``tracking_uri=None`` into ``./mlflow.db`` (via raysys.tracking's default), which inside a trial
-    means a fresh sqlite database in Tune's working directory per trial (seconds of schema setup).
-    Switch that off for the duration of the call; a no-op once train honours None."""
-    from raysys.hyperrep import train as hyperrep_train
+def child_run(tracking: dict, trial_id: str, sampler: dict | None = None, create: bool = True) -> str | None:
+    """The MLflow child run of a trial under the search's parent run: found by tag (a resumed
+    trial keeps its run), else created with the sampler settings as params."""
+    from mlflow.entities import Param
 
-    original = getattr(hyperrep_train, "_resolve_tracking_uri", None)
-    if original is None or original(None) is None:
-        yield
-        return
-    hyperrep_train._resolve_tracking_uri = lambda uri: None if uri is None else original(uri)
-    try:
-        yield
-    finally:
-        hyperrep_train._resolve_tracking_uri = original
+    from raysys.tracking import client as mlflow_client
+
+    c = mlflow_client(tracking["tracking_uri"])
+    found = c.search_runs([tracking["experiment_id"]], filter_string=(
+        f"tags.raysys_trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{tracking['parent_run_id']}'"))
+    if found or not create:
+        return found[0].info.run_id if found else None
+    run = c.create_run(tracking["experiment_id"], run_name=f"trial-{trial_id}", tags={
+        "mlflow.parentRunId": tracking["parent_run_id"], "raysys_trial_id": trial_id, "raysys.stage": "search-trial"})
+    c.log_batch(run.info.run_id, params=[Param(f"sampler.{k}", str(v)) for k, v in (sampler or {}).items()])
+    return run.info.run_id
 
 
 def _report(result: dict, work: Path) -> None:
@@ -530,12 +539,6 @@ def _report(result: dict, work: Path) -> None:
 
 
 # --- driver side: Tune callbacks for progress and MLflow ----------------------------------------
-
-# Keys Tune adds to every result; everything else a trial reports is a metric worth logging.
-TUNE_KEYS = {"training_iteration", "timestamp", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
-             "iterations_since_restore", "done", "trial_id", "date", "hostname", "node_ip", "experiment_tag",
-             "checkpoint_dir_name", "should_checkpoint", "config", "completed", "epoch"}
-
 
 def _trial_status(trial, max_epochs: int) -> str:
     """pending / running / completed / pruned (stopped early by ASHA) / errored."""
@@ -560,8 +563,7 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # Tune's default repeats every parameter and outgrows path limits
 
 
-def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking_uri: str, parent_run_id: str,
-                    experiment_id: str):
+def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking: dict):
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -569,6 +571,10 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking_ur
 
         def __init__(self):
             self.best: tuple[float, str] | None = None
+            self.started = time.time()
+
+        def setup(self, **info):
+            self.started = time.time()  # also on resume: elapsed time of this run
 
         def _update(self, trials, trial, event: str, final: str | None = None):
             # Tune calls on_trial_complete/error before it updates the trial's status: pass it in.
@@ -581,7 +587,7 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking_ur
                     self.best = (float(value), t.trial_id)
             done = counts["completed"] + counts["pruned"] + counts["errored"]
             best = f"best {search.primary}={self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
-            print(f"[search] {event:<9} {trial.trial_id}  done {done}/{search.num_samples} "
+            print(f"[search] {time.time() - self.started:6.0f}s {event:<9} {trial.trial_id}  done {done}/{search.num_samples} "
                   f"(pruned {counts['pruned']}, errored {counts['errored']}), running {counts['running']} | {best}",
                   flush=True)
             atomic_write_json(Path(out) / "progress.json",
@@ -599,63 +605,27 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking_ur
         def on_trial_error(self, iteration, trials, trial, **info):
             self._update(trials, trial, "errored", "errored")
 
-    class MlflowChildren(Callback):
-        """One child run per trial under the search's parent run, written from the driver only
-        (a single writer keeps a sqlite tracking database safe). A resumed trial finds its run by tag."""
+    class MlflowStatus(Callback):
+        """Ends each trial's child run with its outcome. The trial logs everything else; the run's
+        ``raysys.status`` tag (completed / pruned / errored) is the outcome as the driver saw it."""
 
-        def __init__(self):
-            self.runs: dict[str, str] = {}
+        def _finish(self, trial, status: str, run_status: str):
+            from raysys.tracking import client as mlflow_client
 
-        def _client(self):
-            from raysys.tracking import client
-            return client(tracking_uri)
-
-        def _run_id(self, trial) -> str:
-            if trial.trial_id in self.runs:
-                return self.runs[trial.trial_id]
-            c = self._client()
-            found = c.search_runs([experiment_id], filter_string=(
-                f"tags.raysys_trial_id = '{trial.trial_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'"))
-            if found:
-                run_id = found[0].info.run_id
-                c.update_run(run_id, "RUNNING")
-            else:
-                from raysys.tracking import flatten_params
-                from mlflow.entities import Param
-                run = c.create_run(experiment_id, run_name=f"trial-{trial.trial_id}", tags={
-                    "mlflow.parentRunId": parent_run_id, "raysys_trial_id": trial.trial_id, "raysys.stage": "search-trial"})
-                run_id = run.info.run_id
-                params = flatten_params({k: trial.config.get(k, {}) for k in ("hyperrep", "sampler")})
-                items = [Param(k, v) for k, v in params.items()]
-                for i in range(0, len(items), 100):
-                    c.log_batch(run_id, params=items[i:i + 100])
-            self.runs[trial.trial_id] = run_id
-            return run_id
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            self._run_id(trial)
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            from mlflow.entities import Metric
-            now = int(time.time() * 1000)
-            step = int(result.get("epoch", result.get("training_iteration", 0)))
-            metrics = [Metric(k, float(v), now, step) for k, v in result.items()
-                       if k not in TUNE_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)
-                       and math.isfinite(v)]
-            if metrics:
-                self._client().log_batch(self._run_id(trial), metrics=metrics)
+            run_id = child_run(tracking, trial.trial_id, create=False)
+            if run_id is None:  # the trial failed before it could create its run
+                return
+            c = mlflow_client(tracking["tracking_uri"])
+            c.set_tag(run_id, "raysys.status", status)
+            c.set_terminated(run_id, run_status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            c, run_id = self._client(), self._run_id(trial)
-            c.set_tag(run_id, "raysys.status", _finished_status(trial))
-            c.set_terminated(run_id, "FINISHED")
+            self._finish(trial, _finished_status(trial), "FINISHED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            c, run_id = self._client(), self._run_id(trial)
-            c.set_tag(run_id, "raysys.status", "errored")
-            c.set_terminated(run_id, "FAILED")
+            self._finish(trial, "errored", "FAILED")
 
-    return [Progress(), MlflowChildren()]
+    return [Progress(), MlflowStatus()]
 
 
 def _optuna_searcher(search: SearchConfig, space: DefineByRun):
@@ -769,8 +739,10 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
     _ensure_ray(search)
     space = DefineByRun(search, base)
     max_epochs = _max_epochs(search, base)
+    tracking = {**{k: state[k] for k in ("tracking_uri", "experiment_id", "parent_run_id")},
+                "experiment": search.mlflow.experiment}
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, search=search.model_dump(mode="json"), zoo_dir=zoo_dir),
+        tune.with_parameters(run_trial, search=search.model_dump(mode="json"), zoo_dir=zoo_dir, tracking=tracking),
         {"cpu": search.resources.cpu, "gpu": search.resources.gpu})
     from raysys.tracking import client as mlflow_client
     client = mlflow_client(state["tracking_uri"])
@@ -789,8 +761,7 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
                                         reuse_actors=True),  # no process start + imports per trial
             run_config=tune.RunConfig(
                 name=exp_path.name, storage_path=str(exp_path.parent), verbose=0,
-                callbacks=_make_callbacks(str(out), search, max_epochs, state["tracking_uri"],
-                                          state["parent_run_id"], state["experiment_id"]),
+                callbacks=_make_callbacks(str(out), search, max_epochs, tracking),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
