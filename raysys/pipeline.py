@@ -57,7 +57,7 @@ class PipelineConfig(Config):
 def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | Path | None = None,
                  progress: bool = True) -> dict:
     """Run (or resume) every stage into ``out_dir``; returns the report dict (also DIR/report.json)."""
-    from raysys import hyperrep, populations, zoo
+    from raysys import populations, zoo
 
     stages = stage_configs(config, config_dir)
     with output_dir(out_dir) as out, ray_session(config.ray_address):
@@ -73,6 +73,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
             zoo.generate(stages["zoo"], d, progress=progress), find_run(uri, stages["zoo"].mlflow.experiment, d))[1])
         runs["hyperrep"] = run_stage(out / "hyperrep", h["hyperrep"], work=lambda d: train_autoencoder(
             stages["hyperrep"], out / "zoo", d, uri, config.evaluate, config.hyperrep_gpus, progress))
+        runs["hyperrep_eval"] = read_json(out / "hyperrep" / "eval" / "eval.json").get("mlflow_run_id")
         if config.nolwln_baseline:
             nolwln = stages["hyperrep"].model_copy(deep=True)
             nolwln.loss.lwln = False
@@ -148,6 +149,10 @@ def stage_hashes(config: PipelineConfig, stages: dict[str, Config]) -> dict[str,
 
 
 # --- stages -------------------------------------------------------------------------------------
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
 
 def stage_record(stage_dir: Path) -> dict | None:
     path = stage_dir / STAGE_FILE
@@ -309,6 +314,8 @@ def link_runs(uri: str, config: PipelineConfig, out: Path, runs: dict, report: d
         if (out / name).exists():
             client.log_artifact(rid, str(out / name))
     parents = {"hyperrep": {"raysys.parent_zoo_run": runs.get("zoo")},
+               "hyperrep_eval": {"raysys.parent_zoo_run": runs.get("zoo"),
+                                 "raysys.parent_hyperrep_run": runs.get("hyperrep")},
                "hyperrep_nolwln": {"raysys.parent_zoo_run": runs.get("zoo")},
                "populations": {"raysys.parent_zoo_run": runs.get("zoo"),
                                "raysys.parent_hyperrep_run": runs.get("hyperrep")}}
@@ -346,8 +353,7 @@ def write_report(config: PipelineConfig, out: Path, hashes: dict, runs: dict) ->
 
     zoo_summary = zoo_stage.summarize(open_zoo(out / "zoo"))
     hyperrep = json.loads((out / "hyperrep" / "summary.json").read_text())
-    evaluation = json.loads((out / "hyperrep" / "eval" / "eval.json").read_text()) \
-        if (out / "hyperrep" / "eval" / "eval.json").exists() else None
+    evaluation = read_json(out / "hyperrep" / "eval" / "eval.json") or None
     results = json.loads((out / "populations" / "results.json").read_text())
     tables = pop_report.tables(results)
     accuracy = [{"setting": s, **row} for s, t in tables.items() for row in t["accuracy"]]

@@ -212,6 +212,8 @@ def test_runs_are_linked_in_the_mlflow_server(services, first_run):
     assert hyper_tags["raysys.parent_zoo_run"] == zoo["info"]["run_id"]
     assert pops_tags["raysys.parent_zoo_run"] == zoo["info"]["run_id"]
     assert pops_tags["raysys.parent_hyperrep_run"] == hyper["info"]["run_id"]
+    _, eval_tags = run(tags["raysys.hyperrep_eval_run"])  # the autoencoder's probes and figures
+    assert eval_tags["raysys.parent_hyperrep_run"] == hyper["info"]["run_id"]
 
 
 def test_resubmitting_skips_every_stage(services, first_run):
