@@ -1,10 +1,9 @@
 """``raysys mlflow serve``: the MLflow tracking server (UI + REST API) for raysys runs.
 
-A thin wrapper around ``mlflow server`` that refuses the two setups that silently break a
-raysys deployment: a relative sqlite path (Ray Tune changes the working directory, so every
-trial would open a different database) and MLflow's file store (refused by MLflow 3). It binds
-to 127.0.0.1 unless told otherwise, because the server has no authentication: on a cluster,
-bind the head's private interface and reach the UI through an SSH port-forward.
+A thin wrapper around ``mlflow server``: database paths are made absolute (the same database
+whatever directory a process runs in), MLflow's file store is refused with the fix (MLflow 3
+refuses it too), and it binds to 127.0.0.1 unless told otherwise, because the server has no
+authentication: on a cluster, keep its port private and reach the UI through an SSH port-forward.
 """
 from __future__ import annotations
 
@@ -21,16 +20,16 @@ SQL_SCHEMES = ("postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql", "m
 
 
 def check_backend_store_uri(uri: str) -> str:
-    """Return ``uri`` if it is an absolute sqlite or a SQL database URI; raise ConfigError otherwise."""
+    """An absolute sqlite URI (relative paths resolved against this directory) or a SQL database URI.
+
+    Anything else (MLflow's file store, a bare path) is a ConfigError that says what to write instead.
+    """
     scheme = uri.split(":", 1)[0] if "://" in uri else ""
     if scheme == "sqlite":
-        path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
-        if not path.startswith("/"):
-            raise ConfigError(
-                f"backend store '{uri}' is a relative sqlite path; Ray Tune changes the working directory, so "
-                f"each process would open a different database. Use an absolute path: sqlite:////abs/path/mlflow.db "
-                f"(four slashes).")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        from raysys.tracking import resolve_tracking_uri
+
+        uri = resolve_tracking_uri(uri)  # sqlite:///rel.db -> sqlite:////cwd/rel.db
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         return uri
     if scheme in SQL_SCHEMES:
         return uri

@@ -96,3 +96,25 @@ def test_onprem_lists_its_machines():
     config = load("cluster-onprem.yaml")
     assert config["provider"]["type"] == "local"
     assert config["provider"]["head_ip"] and config["provider"]["worker_ips"]
+
+
+def test_mlflow_serve_command_is_local_and_absolute(tmp_path, monkeypatch):
+    from raysys.config import ConfigError
+    from raysys.mlflow_server import server_command
+
+    monkeypatch.chdir(tmp_path)
+    cmd = server_command(backend_store_uri="sqlite:///rel/mlflow.db", artifacts_destination="art")
+
+    def opt(cmd, name):
+        return cmd[cmd.index(name) + 1]
+
+    assert cmd[1:4] == ["-m", "mlflow", "server"] and opt(cmd, "--host") == "127.0.0.1"
+    assert opt(cmd, "--backend-store-uri") == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
+    assert opt(cmd, "--artifacts-destination") == str(tmp_path / "art")
+    pg = server_command(backend_store_uri="postgresql://u@db/mlflow")
+    assert opt(pg, "--backend-store-uri") == "postgresql://u@db/mlflow"
+    for bad in ("file:///tmp/mlruns", "/tmp/mlruns"):
+        with pytest.raises(ConfigError, match="file store"):
+            server_command(backend_store_uri=bad)
+    with pytest.raises(ConfigError, match="port"):
+        server_command(port=70000)
