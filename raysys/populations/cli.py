@@ -83,8 +83,8 @@ def cmd_finetune(args) -> int:
     cfg.num_models = len(W)
     view = stage.ZooView(args.zoo, [], cfg.dataset_options)
     dataset = args.dataset or view.dataset_name
-    options = cfg.transfer.dataset_options if cfg.transfer and dataset == cfg.transfer.dataset else \
-        (cfg.dataset_options if dataset == view.dataset_name else {})
+    options = view.dataset_options if dataset == view.dataset_name else \
+        (cfg.transfer.dataset_options if cfg.transfer and dataset == cfg.transfer.dataset else {})
     datasets.load(dataset, **options)  # fail here, not inside an actor, on a bad name
     epochs = max(cfg.finetune.budgets)
     job = finetune.Job(name=path.stem, setting="in_dataset" if dataset == view.dataset_name else "transfer",

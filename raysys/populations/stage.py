@@ -141,6 +141,12 @@ class ZooView:
             raise RaysysError(f"zoo {zoo_dir} has no epoch(s) {missing} (it has {have[0]}..{have[-1]}). Set "
                               f"zoo_epochs to the epochs the autoencoder was trained on, e.g. --set zoo_epochs=[{have[-1]}].")
         self.hparams = frame.drop_duplicates("model_id")
+        if not dataset_options:  # default: the loader options the zoo itself was generated with
+            zoo_data = (self.zoo.manifest.get("config") or {}).get("dataset") or {}
+            dataset_options = dict(zoo_data.get("options") or {})
+            if zoo_data.get("root"):
+                dataset_options["root"] = zoo_data["root"]
+        self.dataset_options = dataset_options
         self.data = datasets.load(self.dataset_name, **dataset_options)
         want = self.zoo.manifest["dataset"].get("sha256_16")
         if want and want != self.data.describe()["sha256_16"]:
@@ -333,7 +339,7 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
     activation = specs[0].activation
     W_anchor = anchors["weights"]
 
-    settings = [("in_dataset", view.dataset_name, cfg.dataset_options, cfg.methods)]
+    settings = [("in_dataset", view.dataset_name, view.dataset_options, cfg.methods)]
     if cfg.transfer is not None:
         target = datasets.load(cfg.transfer.dataset, **cfg.transfer.dataset_options)
         if (target.in_channels, target.image_size, target.num_classes) != \
