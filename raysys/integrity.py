@@ -1,0 +1,328 @@
+"""Integrity of what raysys writes, and pre-flight checks of what it is given.
+
+Two halves, both plain functions:
+
+* :func:`verify_zoo` reads a zoo directory back against its manifest and reports every shard
+  that is missing, truncated, corrupted (checksum mismatch), unrecorded or unplanned, and every
+  row that is duplicated, foreign to its shard or absent. ``raysys zoo verify DIR`` prints the
+  report and exits non-zero on problems; ``raysys zoo generate`` (rerun) rewrites exactly the
+  shards whose bytes no longer match their checksum. :func:`check_schema` is the cheap check
+  every reader runs: the manifest's layout and the Parquet schema must agree.
+* :func:`check_output_dir`, :func:`check_ray_address` and :func:`check_tracking_uri` turn the
+  failures a stage would otherwise hit half-way (a file where a directory goes, a Ray cluster or
+  an MLflow server that is not there) into one :class:`~raysys.config.RaysysError` before anything
+  is written. Ray and MLflow retry an unreachable address for minutes; a 3 s socket probe
+  answers at once.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from raysys.config import RaysysError
+
+PROBE_TIMEOUT_S = 3.0
+
+
+# --- zoo verification ---------------------------------------------------------------------------
+
+# Kinds of problem, in the order the report lists them. "leftover" (a temporary file a killed
+# run left behind) is a warning: generate removes them and readers never see them.
+KINDS = ("schema", "missing", "unrecorded", "truncated", "corrupted", "unplanned",
+         "duplicate_rows", "foreign_rows", "missing_rows")
+
+
+@dataclass
+class Problem:
+    kind: str
+    where: str  # a file name, or the zoo
+    detail: str
+    shard: int | None = None
+
+
+@dataclass
+class ZooReport:
+    root: Path
+    planned_shards: int = 0
+    good_shards: int = 0
+    rows: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def bad_shards(self) -> list[int]:
+        """Shards a resume has to rewrite."""
+        return sorted({p.shard for p in self.problems if p.shard is not None})
+
+    def format(self) -> str:
+        lines = [f"zoo {self.root}: {self.good_shards}/{self.planned_shards} planned shards intact, {self.rows} rows read"]
+        for p in sorted(self.problems, key=lambda p: (KINDS.index(p.kind), p.where)):
+            lines.append(f"  {p.kind.upper():15s} {p.where}: {p.detail}")
+        for p in self.warnings:
+            lines.append(f"  warning         {p.where}: {p.detail}")
+        if self.ok:
+            lines.append("OK: every planned shard is present, matches its checksum, and every (model, epoch) row "
+                         "exists exactly once.")
+        else:
+            lines.append(f"{len(self.problems)} problem(s) in shards {self.bad_shards or '-'}. Fix: rerun "
+                         f"'raysys zoo generate CONFIG --out {self.root}' with the zoo's config; it rewrites the "
+                         f"bad shards and keeps the intact ones.")
+        return "\n".join(lines)
+
+
+def _planned(manifest: dict, shard_dir: Path) -> list[dict]:
+    """The shard plan; a hand-written manifest without one is planned as whatever records exist."""
+    if isinstance(manifest.get("shards"), list):
+        return manifest["shards"]
+    plan = []
+    for rec in sorted(shard_dir.glob("shard-*.json")):
+        try:
+            plan.append({"shard": int(json.loads(rec.read_text())["shard"]),
+                         "model_ids": json.loads(rec.read_text())["model_ids"]})
+        except (ValueError, KeyError, TypeError):
+            plan.append({"shard": int(rec.stem.split("-")[1]), "model_ids": None})
+    return plan
+
+
+def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
+    """Check every planned shard of a zoo against its record, the manifest and the plan."""
+    import pyarrow.parquet as pq
+
+    from raysys.store import MANIFEST, SHARDS, open_zoo, sha256_file
+
+    root = Path(root)
+    if not root.is_dir():
+        raise RaysysError(f"{root} is not a directory. Pass the zoo directory written by "
+                          f"'raysys zoo generate CONFIG --out DIR'.")
+    zoo = open_zoo(root, check=False)  # the schema check is part of this report
+    manifest, shard_dir = zoo.manifest, root / SHARDS
+    report = ZooReport(root)
+    try:
+        num_params = zoo.num_params
+    except (KeyError, TypeError, ValueError) as err:
+        report.problems.append(Problem("schema", MANIFEST, f"has no usable layout ({err!r}); regenerate the zoo"))
+        return report
+    if "num_params" in manifest and manifest["num_params"] != num_params:
+        report.problems.append(Problem("schema", MANIFEST, f"says num_params {manifest['num_params']} but its "
+                                                           f"layout has {num_params}"))
+    epochs = manifest.get("epochs")
+    expected_epochs = set(range(int(epochs) + 1)) if isinstance(epochs, int) else None
+    plan = _planned(manifest, shard_dir)
+    report.planned_shards = len(plan)
+    planned_ids = {int(s["shard"]) for s in plan}
+    owner: dict[int, int] = {}  # model_id -> shard that wrote it
+    for s in plan:
+        sid, ids = int(s["shard"]), s.get("model_ids")
+        path = shard_dir / f"shard-{sid:05d}.parquet"
+        rec_path = path.with_suffix(".json")
+        if not path.exists():
+            report.problems.append(Problem("missing", path.name, "planned but absent" +
+                                           (" (its record exists)" if rec_path.exists() else ""), sid))
+            continue
+        if not rec_path.exists():
+            report.problems.append(Problem("unrecorded", path.name, "has no completion record: a run stopped "
+                                                                    "before finishing it", sid))
+            continue
+        try:
+            rec = json.loads(rec_path.read_text())
+        except ValueError:
+            report.problems.append(Problem("corrupted", rec_path.name, "is not valid JSON", sid))
+            continue
+        size = path.stat().st_size
+        if rec.get("bytes") is not None and size != rec["bytes"]:
+            report.problems.append(Problem("truncated", path.name, f"{size} bytes, the record says {rec['bytes']}", sid))
+            continue
+        if checksums:
+            digest = sha256_file(path)
+            if digest != rec.get("sha256"):
+                report.problems.append(Problem("corrupted", path.name, f"sha256 {digest[:12]}... does not match the "
+                                                                       f"record's {str(rec.get('sha256'))[:12]}...", sid))
+                continue
+            if s.get("sha256") and s["sha256"] != rec.get("sha256"):
+                report.problems.append(Problem("corrupted", path.name, "its record's sha256 differs from the one "
+                                                                       "in manifest.json", sid))
+                continue
+        try:
+            pf = pq.ParquetFile(path)
+            problem = _schema_problem(pf.schema_arrow, num_params)
+            t = pf.read(columns=["model_id", "epoch"])
+        except Exception as err:  # an unreadable file is corrupt whatever its checksum says
+            report.problems.append(Problem("corrupted", path.name, f"unreadable Parquet ({type(err).__name__})", sid))
+            continue
+        if problem:
+            report.problems.append(Problem("schema", path.name, problem, sid))
+            continue
+        mids, eps = t.column("model_id").to_pylist(), t.column("epoch").to_pylist()
+        report.rows += len(mids)
+        keys = Counter(zip(mids, eps))
+        dup = [k for k, n in keys.items() if n > 1]
+        if dup:
+            report.problems.append(Problem("duplicate_rows", path.name, f"{len(dup)} (model_id, epoch) pairs more "
+                                                                        f"than once, e.g. {dup[0]}", sid))
+        allowed = set(int(m) for m in (ids if ids is not None else rec.get("model_ids", [])))
+        foreign = sorted(set(mids) - allowed)
+        if foreign:
+            report.problems.append(Problem("foreign_rows", path.name, f"rows of models {foreign[:5]} that are not "
+                                                                      f"in this shard's model set", sid))
+        elsewhere = sorted({m for m in set(mids) & allowed if owner.get(m, sid) != sid})
+        if elsewhere:
+            report.problems.append(Problem("duplicate_rows", path.name, f"models {elsewhere[:5]} also appear in "
+                                                                        f"shard {owner[elsewhere[0]]}", sid))
+        for m in set(mids):
+            owner.setdefault(m, sid)
+        if expected_epochs is not None:
+            want = {(m, e) for m in allowed for e in expected_epochs}
+            absent = sorted(want - set(keys))
+            if absent:
+                report.problems.append(Problem("missing_rows", path.name, f"{len(absent)} (model_id, epoch) rows "
+                                                                          f"absent, e.g. {absent[0]}", sid))
+        if not any(p.shard == sid for p in report.problems):
+            report.good_shards += 1
+    for path in sorted(shard_dir.glob("shard-*.parquet")):
+        try:
+            sid = int(path.stem.split("-")[1])
+        except (IndexError, ValueError):
+            sid = None
+        if sid not in planned_ids:
+            report.problems.append(Problem("unplanned", path.name, "is not in the manifest's shard plan (from another "
+                                                                  "zoo?); move it away"))
+    for path in sorted(shard_dir.glob(".*.tmp")):
+        report.warnings.append(Problem("leftover", path.name, "temporary file of a killed run (generate removes it)"))
+    return report
+
+
+def _schema_problem(arrow_schema, num_params: int) -> str | None:
+    """Why a shard's Parquet schema does not fit a zoo of ``num_params`` parameters (None: it fits)."""
+    from raysys.store import schema
+
+    want = schema(num_params)
+    missing = [n for n in want.names if n not in arrow_schema.names]
+    if missing:
+        return f"columns {missing} are missing"
+    weights = arrow_schema.field("weights").type
+    shape = [int(d) for d in (getattr(weights, "shape", None) or [])]
+    if shape != [num_params]:
+        width = " x ".join(map(str, shape)) if shape else getattr(getattr(weights, "storage_type", weights), "list_size", "?")
+        return f"weights have length {width} but the manifest's layout has {num_params} parameters"
+    return None
+
+
+def check_schema(zoo) -> None:
+    """Refuse a zoo whose manifest and Parquet data disagree (cheap: reads only the first shard's footer)."""
+    import pyarrow.parquet as pq
+
+    files = zoo.shard_files()
+    if not files:
+        return
+    try:
+        num_params = zoo.num_params
+    except (KeyError, TypeError, ValueError) as err:
+        raise RaysysError(f"zoo {zoo.root}: manifest.json has no usable layout ({err!r}). The manifest is not one "
+                          f"raysys wrote; regenerate the zoo with 'raysys zoo generate CONFIG --out DIR'.") from None
+    stated = zoo.manifest.get("num_params")
+    if stated is not None and stated != num_params:
+        raise RaysysError(f"zoo {zoo.root}: manifest.json says num_params {stated} but its layout has {num_params}. "
+                          f"The manifest was edited or mixed from two zoos; regenerate the zoo into a new --out.")
+    try:
+        problem = _schema_problem(pq.read_schema(files[0]), num_params)
+    except Exception as err:
+        raise RaysysError(f"zoo {zoo.root}: {files[0].name} is not readable Parquet ({type(err).__name__}). "
+                          f"Run 'raysys zoo verify {zoo.root}', then rerun 'raysys zoo generate' to rewrite it.") from None
+    if problem:
+        raise RaysysError(f"zoo {zoo.root}: manifest and data disagree: {files[0].name}: {problem}. The shards come "
+                          f"from another zoo or the manifest was replaced; regenerate the zoo into a new --out "
+                          f"directory (or restore its own manifest.json).")
+
+
+def register_verify(zoo_subparsers) -> None:
+    """Adds ``raysys zoo verify DIR`` to the zoo command's subparsers."""
+    v = zoo_subparsers.add_parser("verify", help="check a zoo's shards against checksums, plan and rows")
+    v.add_argument("dir", help="zoo directory")
+    v.add_argument("--no-checksums", action="store_true", help="skip the sha256 pass (sizes, schema and rows only)")
+    v.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args) -> int:
+    report = verify_zoo(args.dir, checksums=not args.no_checksums)
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+# --- pre-flight checks ----------------------------------------------------------------------------
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """A directory raysys may create or write into: not a file, and under a writable existing ancestor."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise RaysysError(f"{flag} {path} is a file, not a directory. Pass a directory path (it is created if "
+                          f"missing), or move the file away.")
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise RaysysError(f"{flag} {path}: {parent} is a file, so the directory cannot be created. "
+                          f"Choose another {flag}.")
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise RaysysError(f"{flag} {path}: {parent} is not writable. Choose an {flag} you can write to.")
+    return path
+
+
+def _probe(host: str, port: int) -> str | None:
+    """None when something accepts TCP connections at host:port, else why not."""
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return None
+    except OSError as err:
+        return err.strerror or type(err).__name__
+
+
+def check_ray_address(address: str | None) -> None:
+    """Fail fast on a Ray address nothing listens on (ray.init would retry it for minutes)."""
+    if not address or address in ("local", "auto"):
+        return
+    target = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RaysysError(f"Ray address '{address}' is not host:port (or ray://host:port, 'auto', 'local'). "
+                          f"Fix --address (e.g. 10.0.0.5:6379), or leave it out to start a local Ray.")
+    why = _probe(host.strip("[]"), int(port))
+    if why:
+        raise RaysysError(f"cannot reach the Ray cluster at {address} ({why}). Start it ('ray start --head') or fix "
+                          f"--address / ray_address; leave it out to run on a local Ray.")
+
+
+def check_tracking_uri(uri: str | None) -> str:
+    """Resolve an MLflow tracking URI and check it can be used: a server answers, a sqlite file's folder exists."""
+    from raysys.tracking import TrackingError, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):
+                pass
+        except urllib.error.HTTPError:
+            pass  # something answered: an MLflow behind a proxy may not expose /health
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"cannot reach the MLflow server at {uri} ({reason}). Start it ('raysys mlflow serve') "
+                                f"or fix --tracking-uri; or log locally with --tracking-uri "
+                                f"sqlite:////absolute/path/mlflow.db.") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if not db.parent.is_dir():
+            raise TrackingError(f"the MLflow database {db} cannot be created: {db.parent} is not a directory. "
+                                f"Create it, or pass --tracking-uri sqlite:////existing/dir/mlflow.db.")
+    return uri
