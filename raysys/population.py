@@ -1,28 +1,328 @@
 """Vectorized population trainer: many models of one architecture train as one batched computation.
 
-PLACEHOLDER: trains models one at a time with :func:`raysys.train.train_one`; to be replaced
-by the batched implementation with the same signature and semantics.
+Every model keeps the semantics of :func:`raysys.train.train_one` (the ground truth): its own
+initialization (or given start weights), its own data order and dropout masks from its own
+generators, its own learning rate and weight decay, torch.optim's Adam/SGD update rule. What
+changes is the shape of the computation: parameters live in one ``[N, P]`` tensor in the
+canonical flat layout, and each layer runs for all N models at once as a batched matmul.
+
+Kernels (why they look the way they do):
+
+* Activations are channels-last ``[N, B, H, W, C]``, so a convolution is one ``bmm`` of its
+  im2col rows ``[N, B*Ho*Wo, kh*kw*C]`` with the kernel matrix ``[N, kh*kw*C, O]``: long,
+  well-shaped GEMMs instead of N*B tiny ones or a grouped convolution (slow on CPU).
+* im2col is a zero-copy ``as_strided`` window view; its backward (col2im) is kh*kw slice adds.
+* The first layer's input needs no gradient, so its im2col rows are computed once for the
+  whole training set and each step just gathers the rows of its images.
+* Evaluation shows the same images to every model, so the first layer is ONE GEMM of the
+  shared rows against all models' kernels side by side.
+* Nothing reduces across the model axis (the loss is summed only to seed backward, which
+  gives every model the gradient of its own loss), so a diverged model cannot leak NaN into
+  the others.
+
+``tetris_ffn``, ``cnn_s`` and ``cnn_m`` (plain conv/pool/act/dropout/linear chains) use this
+path; ``resnet18`` (BatchNorm buffers) falls back to a per-model :func:`train_one` loop.
 """
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from raysys import architectures
+from raysys.config import RaysysError
 from raysys.datasets import ImageData
-from raysys.train import EpochCallback, ModelSpec, train_one
+from raysys.train import EVAL_BATCH, EpochCallback, ModelSpec, dropout_mask, initial_model, make_generators, train_one
+
+# The forward pass of each chain architecture, op by op, exactly as its nn.Module runs it.
+_CNN_S = ["conv1", "pool", "act", "drop", "conv2", "pool", "act", "drop", "conv3", "act", "drop",
+          "flatten", "fc1", "act", "drop", "fc2"]
+_CNN_M = ["conv1", "pool", "act", "drop", "conv2", "pool", "act", "drop", "conv3", "pool", "act", "drop",
+          "flatten", "fc1", "act", "drop", "fc2"]
+CHAINS: dict[str, list[str]] = {
+    "tetris_ffn": ["flatten", "fc1", "act", "drop", "fc2"],
+    "cnn_s": _CNN_S,
+    "cnn_m": _CNN_M,
+}
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+# Precompute the first layer's im2col rows for the whole training set up to this size.
+PATCH_CACHE_BYTES = 2 << 30
+# Largest first-layer activation ([N, images, Ho*Wo*O] floats) one evaluation chunk may hold.
+EVAL_CHUNK_FLOATS = 24 << 20
 
 
-def train_population(arch: str, specs: list[ModelSpec], data: ImageData, epochs: int,
-                     on_epoch: EpochCallback | None = None, device: str = "cpu") -> None:
+class PopulationError(RaysysError):
+    pass
+
+
+def train_population(arch: str, specs: Sequence[ModelSpec], data: ImageData, epochs: int,
+                     on_epoch: EpochCallback | None = None, device: str = "cpu",
+                     init_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Train ``specs`` (one shared :meth:`ModelSpec.population_key`) together; return final weights [N, P].
+
+    ``on_epoch(epoch, weights [N, P] float32 CPU, metrics {name: [N]})`` is called for epoch 0
+    (the initial weights) and after every epoch, with exactly what :func:`train_one` reports.
+    ``init_weights`` ([N, P], canonical layout) replaces each spec's initialization (fine-tuning).
+    """
+    specs = list(specs)
+    layout = _check(arch, specs, data, epochs, init_weights)
+    if arch not in CHAINS:
+        return _train_one_by_one(arch, specs, data, epochs, on_epoch, init_weights)
+    return _ChainPopulation(arch, layout, specs, data, torch.device(device), init_weights).fit(epochs, on_epoch)
+
+
+def _check(arch, specs, data, epochs, init_weights) -> architectures.Layout:
+    if not specs:
+        raise PopulationError("train_population got no models. Pass at least one ModelSpec.")
     keys = {s.population_key() for s in specs}
     if len(keys) != 1:
-        raise ValueError(f"a population needs one (activation, optimizer, dropout, batch_size); got {sorted(keys)}")
+        raise PopulationError(
+            f"models in one population must share (activation, optimizer, dropout, batch_size); got {sorted(keys)}. "
+            f"Group the specs by ModelSpec.population_key() and train each group as its own population.")
+    spec = specs[0]
+    if spec.optimizer not in ("adam", "sgd"):
+        raise PopulationError(f"unknown optimizer '{spec.optimizer}'. Choose adam or sgd.")
+    if spec.activation not in architectures.ACTIVATIONS:
+        raise PopulationError(f"unknown activation '{spec.activation}'. Choose one of: {', '.join(architectures.ACTIVATIONS)}.")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise PopulationError(f"dropout must be in [0, 1), got {spec.dropout}. Fix the spec's dropout.")
+    if spec.batch_size < 1:
+        raise PopulationError(f"batch_size must be >= 1, got {spec.batch_size}.")
+    if epochs < 0:
+        raise PopulationError(f"epochs must be >= 0, got {epochs}.")
+    layout = architectures.layout_of(arch, data.in_channels, data.num_classes)
+    if init_weights is not None and tuple(init_weights.shape) != (len(specs), layout.num_params):
+        raise PopulationError(
+            f"init_weights has shape {tuple(init_weights.shape)} but the population needs "
+            f"({len(specs)}, {layout.num_params}): one row per spec in the canonical layout of {arch} "
+            f"on {data.in_channels}-channel data with {data.num_classes} classes.")
+    return layout
+
+
+# --- the batched chain ----------------------------------------------------------------------
+
+_ACT = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "gelu": F.gelu}
+_PARAMETER_FREE = ("flatten", "pool", "act", "drop")
+
+
+class _ChainPopulation:
+    """N models of one chain architecture; activations are [B, N*C, H, W] (conv) or [N, B, F] (linear)."""
+
+    def __init__(self, arch: str, layout: architectures.Layout, specs: list[ModelSpec], data: ImageData,
+                 device: torch.device, init_weights: torch.Tensor | None):
+        self.arch, self.layout, self.specs, self.device = arch, layout, specs, device
+        spec = specs[0]
+        self.act, self.p_drop, self.batch_size, self.optimizer = _ACT[spec.activation], spec.dropout, spec.batch_size, spec.optimizer
+        self.chain = CHAINS[arch]
+        self.n = n = len(specs)
+        if init_weights is None:
+            init_weights = torch.stack([architectures.flatten(initial_model(arch, s, data)) for s in specs])
+        self.weights = init_weights.detach().to(device=device, dtype=torch.float32).clone()
+        self.lr = torch.tensor([s.lr for s in specs], dtype=torch.float32, device=device)[:, None]
+        self.wd = torch.tensor([s.weight_decay for s in specs], dtype=torch.float32, device=device)[:, None]
+        self.gens = [make_generators(s.seed) for s in specs]
+        self.m = torch.zeros_like(self.weights)
+        self.v = torch.zeros_like(self.weights)
+        self.step_count = 0
+
+        self.images = {s: data.split(s)[0].to(device) for s in ("train", "val", "test")}
+        self.labels = {s: data.split(s)[1].to(device) for s in ("train", "val", "test")}
+        self.first = next(op for op in self.chain if op not in _PARAMETER_FREE)
+        w = layout.tensor(f"{self.first}.weight").shape
+        self.first_kernel = tuple(w[2:]) if len(w) == 4 else None
+        self.site_shapes = self._trace_shapes(tuple(data.x_train.shape[1:]))
+        # The first layer's input needs no gradient: its im2col rows [n, C*kh*kw, Ho*Wo] are
+        # computed once, and a step just gathers the rows of its images.
+        self.train_rows = None
+        if self.first_kernel is not None:
+            x = self.images["train"]
+            kh, kw = self.first_kernel
+            nbytes = x[0].numel() * (x.shape[2] - kh + 1) * (x.shape[3] - kw + 1) * kh * kw * 4
+            if nbytes <= PATCH_CACHE_BYTES or device.type == "cuda":
+                self.train_rows = F.unfold(x, self.first_kernel).contiguous()
+
+    def _trace_shapes(self, shape) -> dict[int, tuple]:
+        """Per dropout op index: the NCHW shape (without batch) train_one's hook sees."""
+        shapes, cur = {}, shape
+        for i, op in enumerate(self.chain):
+            if op == "pool":
+                cur = (cur[0], cur[1] // 2, cur[2] // 2)
+            elif op == "drop":
+                shapes[i] = cur
+            elif op == "flatten":
+                cur = (math.prod(cur),)
+            elif op != "act":
+                w = self.layout.tensor(f"{op}.weight").shape
+                cur = (w[0], cur[1] - w[2] + 1, cur[2] - w[3] + 1) if len(w) == 4 else (w[0],)
+        return shapes
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def _forward(self, params: dict[str, torch.Tensor], x: torch.Tensor, masks: list[torch.Tensor] | None) -> torch.Tensor:
+        """Run the chain after the first weight layer; x is that layer's output. Returns logits [N, B, K]."""
+        n, site = self.n, 0
+        for op in self.chain[self.chain.index(self.first) + 1:]:
+            if op == "pool":
+                x = F.max_pool2d(x, 2)  # torch's own kernel: its tie-breaking and NaN rules
+            elif op == "act":
+                x = self.act(x)
+            elif op == "drop":
+                if masks is not None:
+                    x = x * masks[site]
+                site += 1
+            elif op == "flatten":  # [B, N*C, H, W] -> [N, B, C*H*W], torch's (C, H, W) order
+                x = x.reshape(x.shape[0], n, -1).transpose(0, 1)
+            else:
+                w, b = params[f"{op}.weight"], params.get(f"{op}.bias")
+                if w.dim() == 5:  # grouped convolution: group i is model i
+                    x = F.conv2d(x, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1), groups=n)
+                else:
+                    wt = w.transpose(1, 2)
+                    x = torch.bmm(x, wt) if b is None else torch.baddbmm(b[:, None, :], x, wt)
+        return x
+
+    def _first_layer(self, params, rows: torch.Tensor, shared: bool) -> torch.Tensor:
+        """The first weight layer. rows: [B*N, K, L] (conv, per model) / [N, B, F] (linear, per model),
+        or for ``shared`` images seen by every model [M, K, L] / [M, F]."""
+        w, b = params[f"{self.first}.weight"], params.get(f"{self.first}.bias")
+        n, o = w.shape[:2]
+        if self.first_kernel is None:
+            wt = w.transpose(1, 2)
+            if shared:  # one GEMM for all models: [M, F] @ [F, N*O]
+                y = (rows @ wt.transpose(0, 1).reshape(rows.shape[1], n * o)).view(-1, n, o).transpose(0, 1)
+                return y if b is None else y + b[:, None, :]
+            return torch.bmm(rows, wt) if b is None else torch.baddbmm(b[:, None, :], rows, wt)
+        kh, kw = self.first_kernel
+        w = w.reshape(n * o, -1)
+        if shared:  # every image against all models' kernels: [M, N*O, K] (a stride-0 view) @ [M, K, L]
+            y = torch.bmm(w.expand(rows.shape[0], -1, -1), rows)
+        else:
+            y = torch.bmm(w.repeat(rows.shape[0] // n, 1).view(-1, o, w.shape[1]), rows)
+        y = y.view(-1, n * o, rows.shape[-1])
+        if b is not None:
+            y = y + b.reshape(1, n * o, 1)
+        side = int(round(math.sqrt(rows.shape[-1])))
+        return y.view(y.shape[0], n * o, side, side)
+
+    def _train_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """First-layer input rows of the per-model batches idx [N, b], image-major: row j*N+i is model i's j-th image."""
+        flat = idx.t().reshape(-1)
+        if self.first_kernel is None:
+            return self.images["train"].index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+        if self.train_rows is not None:
+            return self.train_rows.index_select(0, flat)
+        return F.unfold(self.images["train"].index_select(0, flat), self.first_kernel)
+
+    # --- training --------------------------------------------------------------------------
+
+    def _masks(self, b: int) -> list[torch.Tensor] | None:
+        """train_one's dropout masks, drawn per model from its own generator in forward order."""
+        if self.p_drop <= 0:
+            return None
+        per_model = [[dropout_mask((b, *self.site_shapes[i]), self.p_drop, g[2]) for i in sorted(self.site_shapes)]
+                     for g in self.gens]
+        masks = []
+        for k, i in enumerate(sorted(self.site_shapes)):
+            shape = self.site_shapes[i]
+            if len(shape) == 3:  # [b, N*C, H, W]
+                m = torch.stack([pm[k] for pm in per_model], 1).view(b, -1, shape[1], shape[2])
+            else:  # [N, b, F]
+                m = torch.stack([pm[k] for pm in per_model])
+            masks.append(m.to(self.device, non_blocking=True))
+        return masks
+
+    def _step(self, idx: torch.Tensor) -> None:
+        w = self.weights.requires_grad_(True)
+        params = architectures.split_vector(w, self.layout)
+        logits = self._forward(params, self._first_layer(params, self._train_rows(idx), False), self._masks(idx.shape[1]))
+        n, b, k = logits.shape
+        y = self.labels["train"][idx]
+        # Each model's loss is the mean over its own batch; summing only seeds backward, so every
+        # model gets the gradient of its own loss and a NaN stays in its own rows.
+        loss = F.cross_entropy(logits.reshape(n * b, k), y.reshape(-1), reduction="sum") / b
+        grad, = torch.autograd.grad(loss, [w])
+        w.requires_grad_(False)
+        with torch.no_grad():
+            self._update(w, grad)
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """torch.optim.Adam / SGD (L2 weight decay added to the gradient), per-model lr and wd."""
+        grad = grad + self.wd * p
+        self.step_count += 1
+        if self.optimizer == "sgd":
+            p.addcmul_(self.lr, grad, value=-1.0)
+            return
+        beta1, beta2 = ADAM_BETAS
+        self.m.lerp_(grad, 1 - beta1)
+        self.v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias1 = 1 - beta1 ** self.step_count
+        bias2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
+        denom = (self.v.sqrt() / bias2_sqrt).add_(ADAM_EPS)
+        p.addcmul_(self.lr / bias1, self.m / denom, value=-1.0)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, np.ndarray]:
+        """All models on every split; the images of a chunk are shared, so the first layer is one batched GEMM."""
+        params = architectures.split_vector(self.weights, self.layout)
+        n = self.n
+        x0 = self.images["train"]
+        per_image = self.layout.tensor(f"{self.first}.weight").shape[0] * n
+        if self.first_kernel is not None:
+            per_image *= (x0.shape[2] - self.first_kernel[0] + 1) * (x0.shape[3] - self.first_kernel[1] + 1)
+        chunk = max(1, min(EVAL_BATCH, EVAL_CHUNK_FLOATS // per_image))
+        out = {}
+        for split in ("train", "val", "test"):
+            x, y = self.images[split], self.labels[split]
+            loss_sum = torch.zeros(n, dtype=torch.float64, device=self.device)
+            correct = torch.zeros(n, dtype=torch.int64, device=self.device)
+            for i in range(0, len(x), chunk):
+                xs, ys = x[i:i + chunk], y[i:i + chunk]
+                rows = xs.reshape(len(xs), -1) if self.first_kernel is None else F.unfold(xs, self.first_kernel)
+                logits = self._forward(params, self._first_layer(params, rows, True), None)
+                m, k = logits.shape[1:]
+                loss = F.cross_entropy(logits.reshape(n * m, k), ys.repeat(n), reduction="none").view(n, m)
+                loss_sum += loss.sum(1, dtype=torch.float64)
+                correct += (logits.argmax(-1) == ys).sum(1)
+            out[f"{split}_loss"] = (loss_sum / len(x)).cpu().numpy()
+            out[f"{split}_acc"] = (correct.double() / len(x)).cpu().numpy()
+        out["ggap"] = out["train_acc"] - out["test_acc"]
+        return out
+
+    def fit(self, epochs: int, on_epoch: EpochCallback | None) -> torch.Tensor:
+        def report(epoch):
+            if on_epoch is not None:
+                on_epoch(epoch, self.weights.to("cpu", torch.float32, copy=True), self.evaluate())
+
+        report(0)
+        n_train = self.images["train"].shape[0]
+        for epoch in range(1, epochs + 1):
+            order = torch.stack([torch.randperm(n_train, generator=g[1]) for g in self.gens]).to(self.device)
+            for i in range(0, n_train, self.batch_size):
+                self._step(order[:, i:i + self.batch_size])
+            report(epoch)
+        return self.weights.to("cpu", torch.float32, copy=True)
+
+
+# --- fallback ---------------------------------------------------------------------------------
+
+def _train_one_by_one(arch, specs, data, epochs, on_epoch, init_weights) -> torch.Tensor:
+    """Architectures with buffers (BatchNorm): train_one per model, reports gathered per epoch."""
     per_epoch: list[list] = [[] for _ in range(epochs + 1)]
-    for spec in specs:
-        train_one(arch, spec, data, epochs, lambda e, w, m: per_epoch[e].append((w, m)))
-    if on_epoch is None:
-        return
-    for epoch, items in enumerate(per_epoch):
-        weights = torch.cat([w for w, _ in items])
-        metrics = {k: np.concatenate([m[k] for _, m in items]) for k in items[0][1]}
-        on_epoch(epoch, weights, metrics)
+    finals = []
+    for i, spec in enumerate(specs):
+        model = None
+        if init_weights is not None:
+            model = architectures.build(arch, spec.activation, spec.dropout, data.in_channels, data.num_classes)
+            architectures.unflatten(init_weights[i].detach().cpu(), model)
+        collect = None if on_epoch is None else (lambda e, w, m: per_epoch[e].append((w, m)))
+        model = train_one(arch, spec, data, epochs, collect, model=model)
+        finals.append(architectures.flatten(model))
+    if on_epoch is not None:
+        for epoch, items in enumerate(per_epoch):
+            weights = torch.cat([w for w, _ in items])
+            metrics = {k: np.concatenate([m[k] for _, m in items]) for k in items[0][1]}
+            on_epoch(epoch, weights, metrics)
+    return torch.stack(finals)

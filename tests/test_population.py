@@ -1,0 +1,157 @@
+"""The vectorized population trainer reproduces train_one, model by model."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from raysys import architectures, datasets
+from raysys.config import RaysysError
+from raysys.population import train_population
+from raysys.train import METRICS, ModelSpec, train_one
+
+EPOCHS = 2
+
+
+def _jitter(x: torch.Tensor, seed: int) -> torch.Tensor:
+    return x + 0.01 * torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits):
+    """100 training and 40 val/test digits (10 steps per epoch), lightly jittered.
+
+    Why the jitter: the digits have exactly constant backgrounds, where max-pool windows hold
+    exact ties. Which element of a tie wins depends on the last bit of the convolution, and
+    PyTorch's grouped and ungrouped CPU convolutions round differently, so on exact ties the
+    two trainers may route a gradient to different (equally valid) positions. Jitter of 1 %
+    removes exact ties; everything else must then agree to float precision.
+    """
+    return dataclasses.replace(digits, x_train=_jitter(digits.x_train[:100], 0), y_train=digits.y_train[:100],
+                               x_val=_jitter(digits.x_val[:40], 1), y_val=digits.y_val[:40],
+                               x_test=_jitter(digits.x_test[:40], 2), y_test=digits.y_test[:40])
+
+
+def _record(store: dict):
+    def on_epoch(epoch, weights, metrics):
+        store.setdefault(epoch, []).append((weights.clone(), {k: np.asarray(v) for k, v in metrics.items()}))
+    return on_epoch
+
+
+def _one_at_a_time(arch, specs, data, epochs, models=None):
+    per_epoch: dict = {}
+    for i, spec in enumerate(specs):
+        train_one(arch, spec, data, epochs, _record(per_epoch), model=None if models is None else models[i])
+    return {e: (torch.cat([w for w, _ in items]), {k: np.concatenate([m[k] for _, m in items]) for k in METRICS})
+            for e, items in per_epoch.items()}
+
+
+def _together(arch, specs, data, epochs, **kw):
+    got: dict = {}
+    final = train_population(arch, specs, data, epochs, _record(got), **kw)
+    assert sorted(got) == list(range(epochs + 1))
+    return {e: items[0] for e, items in got.items()}, final
+
+
+def _assert_same(ref, got, atol=1e-4):
+    for epoch in ref:
+        w_ref, m_ref = ref[epoch]
+        w_got, m_got = got[epoch]
+        assert w_got.dtype == torch.float32 and w_got.device.type == "cpu"
+        assert w_got.shape == w_ref.shape
+        torch.testing.assert_close(w_got, w_ref, atol=atol, rtol=1e-4, msg=f"weights differ at epoch {epoch}")
+        assert set(m_got) == set(METRICS)
+        for k in METRICS:
+            np.testing.assert_allclose(m_got[k], m_ref[k], atol=atol * 10, rtol=1e-4, err_msg=f"{k} at epoch {epoch}")
+
+
+def _specs(n, optimizer="adam", activation="tanh", dropout=0.0, inits=None, lrs=None):
+    # Well-conditioned configurations: a chaotic model (saturated N(0,1) init with a large lr under
+    # Adam) amplifies float rounding differences past any fixed tolerance, whichever trainer runs it.
+    inits = inits or ["kaiming_uniform", "xavier_normal", "kaiming_normal", "xavier_uniform"]
+    lrs = lrs or ([1e-3, 3e-4, 2e-3, 5e-4] if optimizer == "adam" else [0.05, 0.01, 0.03, 0.02])
+    wds = [0.0, 1e-3, 1e-2, 5e-4]
+    return [ModelSpec(model_id=i, seed=100 + 7 * i, init=inits[i % len(inits)], activation=activation,
+                      optimizer=optimizer, lr=lrs[i % len(lrs)], weight_decay=wds[i % len(wds)], dropout=dropout)
+            for i in range(n)]
+
+
+@pytest.mark.parametrize("optimizer,activation,dropout", [
+    ("adam", "tanh", 0.0),
+    ("sgd", "relu", 0.0),
+    ("adam", "gelu", 0.25),
+])
+def test_cnn_s_population_matches_train_one(small_digits, optimizer, activation, dropout):
+    specs = _specs(4, optimizer, activation, dropout)
+    ref = _one_at_a_time("cnn_s", specs, small_digits, EPOCHS)
+    got, final = _together("cnn_s", specs, small_digits, EPOCHS)
+    _assert_same(ref, got)
+    torch.testing.assert_close(final, got[EPOCHS][0])
+    # The models really trained (not a copy of epoch 0) and really differ from each other.
+    assert not torch.allclose(got[EPOCHS][0], got[0][0])
+    assert torch.cdist(final, final).fill_diagonal_(1.0).min() > 0
+
+
+def test_tetris_ffn_population_matches_train_one():
+    data = datasets.load("tetris", copies=4)
+    specs = _specs(5, "sgd", "sigmoid", 0.1, inits=["uniform", "normal", "kaiming_uniform"], lrs=[0.1, 0.03])
+    ref = _one_at_a_time("tetris_ffn", specs, data, EPOCHS)
+    got, _ = _together("tetris_ffn", specs, data, EPOCHS)
+    _assert_same(ref, got)
+
+
+def test_init_weights_equal_train_one_with_preloaded_model(small_digits):
+    specs = _specs(4, "adam", "tanh")
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(4, architectures.layout_of("cnn_s").num_params, generator=g) * 0.1
+    models = [architectures.unflatten(start[i].clone(), architectures.build("cnn_s", "tanh"))
+              for i in range(4)]
+    ref = _one_at_a_time("cnn_s", specs, small_digits, 1, models)
+    got, _ = _together("cnn_s", specs, small_digits, 1, init_weights=start)
+    torch.testing.assert_close(got[0][0], start)
+    _assert_same(ref, got)
+
+
+def test_diverged_model_does_not_poison_the_others(small_digits):
+    specs = _specs(4, "adam", "relu")
+    layout = architectures.layout_of("cnn_s")
+    start = torch.stack([architectures.flatten(train_one("cnn_s", s, small_digits, 0)) for s in specs])
+    start[1, 5] = float("nan")   # model 1 starts poisoned
+    start[2, -3] = float("inf")  # model 2 has an infinite output bias
+    got, final = _together("cnn_s", specs, small_digits, 1, init_weights=start)
+    assert torch.isnan(final[1]).any() and not torch.isfinite(final[2]).all()
+    assert np.isnan(got[1][1]["train_loss"][1]) and not np.isfinite(got[1][1]["train_loss"][2])
+    # The healthy models are exactly what they would be in a population without the sick ones.
+    ok = [0, 3]
+    clean, clean_final = _together("cnn_s", [specs[i] for i in ok], small_digits, 1, init_weights=start[ok])
+    assert torch.isfinite(final[ok]).all()
+    torch.testing.assert_close(final[ok], clean_final, atol=1e-6, rtol=1e-5)
+    for k in METRICS:
+        np.testing.assert_allclose(got[1][1][k][ok], clean[1][1][k], atol=1e-5, err_msg=k)
+    assert layout.num_params == final.shape[1]
+
+
+def test_mixed_population_is_refused(small_digits):
+    base = ModelSpec(0, 1)
+    for other in (dataclasses.replace(base, model_id=1, activation="relu"),
+                  dataclasses.replace(base, model_id=1, optimizer="sgd"),
+                  dataclasses.replace(base, model_id=1, dropout=0.1),
+                  dataclasses.replace(base, model_id=1, batch_size=20)):
+        with pytest.raises(RaysysError, match="population_key"):
+            train_population("cnn_s", [base, other], small_digits, 1)
+
+
+def test_bad_init_weights_shape_is_refused(small_digits):
+    with pytest.raises(RaysysError, match="init_weights has shape"):
+        train_population("cnn_s", _specs(2), small_digits, 1, init_weights=torch.zeros(2, 100))
+
+
+def test_cnn_m_uses_the_same_semantics():
+    data = datasets.load("digits", size=32)
+    data = dataclasses.replace(data, x_train=_jitter(data.x_train[:40], 0), y_train=data.y_train[:40],
+                               x_val=_jitter(data.x_val[:20], 1), y_val=data.y_val[:20],
+                               x_test=_jitter(data.x_test[:20], 2), y_test=data.y_test[:20])
+    specs = _specs(3, "adam", "gelu", 0.1)
+    _assert_same(_one_at_a_time("cnn_m", specs, data, 1), _together("cnn_m", specs, data, 1)[0])
