@@ -134,6 +134,12 @@ def markdown(results: dict, tabs: dict | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def _colors(results: dict) -> dict[str, str]:
+    """One colour per method across every panel, so S_KDE30 looks the same in-dataset and in transfer."""
+    names = list(dict.fromkeys(p["name"] for p in results["populations"]))
+    return {n: f"C{i % 10}" for i, n in enumerate(names)}
+
+
 def _save_png(fig, path: Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
@@ -146,6 +152,9 @@ def plot_curves(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
+    color = _colors(results)
     settings = list(dict.fromkeys(p["setting"] for p in results["populations"]))
     fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4), squeeze=False)
     for ax, setting in zip(axes[0], settings):
@@ -155,8 +164,9 @@ def plot_curves(results: dict, path: Path) -> None:
             curve = np.asarray(pop["test_acc_curve"], dtype=np.float64) * 100  # [epochs+1, N]
             epochs = np.arange(len(curve))
             mean, std = np.nanmean(curve, axis=1), np.nanstd(curve, axis=1)
-            ax.plot(epochs, mean, marker=".", label=pop["name"])
-            ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
+            ax.plot(epochs, mean, marker=".", label=pop["name"], color=color[pop["name"]])
+            ax.fill_between(epochs, mean - std, mean + std, alpha=0.15, color=color[pop["name"]])
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set(title=f"{SETTING_TITLES.get(setting, setting)}", xlabel="fine-tuning epoch", ylabel="test accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -169,6 +179,7 @@ def plot_novelty(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    color = _colors(results)
     whens = ["epoch_0", f"epoch_{max(results['budgets'])}"]
     settings = list(dict.fromkeys(p["setting"] for p in results["populations"]))
     fig, axes = plt.subplots(len(settings), 2, figsize=(12, 4 * len(settings)), squeeze=False)
@@ -182,7 +193,7 @@ def plot_novelty(results: dict, path: Path) -> None:
                 if not np.isfinite(x).any():
                     x = np.asarray(nov["nearest_raw"], dtype=np.float64)
                 y = 100 * np.asarray(pop["test_acc"][when.split("_")[-1]], dtype=np.float64)
-                ax.scatter(x, y, s=10, alpha=0.7, label=pop["name"])
+                ax.scatter(x, y, s=10, alpha=0.7, label=pop["name"], color=color[pop["name"]])
             ax.set(title=f"{setting}, {when.replace('_', ' ')}", xlabel="L2 to nearest training model (aligned)",
                    ylabel="test accuracy (%)")
             ax.grid(alpha=0.3)
