@@ -209,7 +209,8 @@ def weights_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.concatenate([c.to_numpy_ndarray() for c in chunks]).astype(np.float32, copy=False)
 
 
-def open_zoo(root: str | Path) -> Zoo:
+def open_zoo(root: str | Path, check: bool = True) -> Zoo:
+    """Open a zoo directory; ``check`` also refuses a manifest whose layout disagrees with the data."""
     root = Path(root)
     path = root / MANIFEST
     if not path.exists():
@@ -219,4 +220,9 @@ def open_zoo(root: str | Path) -> Zoo:
         manifest = json.loads(path.read_text())
     except ValueError as err:
         raise StoreError(f"{path} is not valid JSON ({err}); the zoo is corrupt. Regenerate it.") from None
-    return Zoo(root, manifest)
+    zoo = Zoo(root, manifest)
+    if check:
+        from raysys.integrity import check_schema  # cheap: the first shard's Parquet footer
+
+        check_schema(zoo)
+    return zoo

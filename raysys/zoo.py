@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import Field, field_validator, model_validator
 
 from raysys import __version__, architectures
-from raysys.config import Config, ConfigError, RaysysError, apply_overrides, load, validate
+from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
 from raysys.store import SHARDS, ZooWriter, atomic_write_bytes, atomic_write_json, open_zoo, rows_table, splits_for
 from raysys.train import ModelSpec
 
@@ -157,7 +157,10 @@ def identity(config: ZooConfig) -> dict:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ZooConfig:
-    return load(ZooConfig, path, overrides)
+    data = read_yaml(path)
+    if not isinstance(data, dict):  # before apply_overrides, which needs a mapping
+        return validate(ZooConfig, data, str(path))
+    return validate(ZooConfig, apply_overrides(data, overrides), str(path))
 
 
 # --- expansion --------------------------------------------------------------------------------
@@ -409,34 +412,70 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
              progress: bool = True) -> dict:
     """Generate (or resume) a zoo in ``out_dir``; returns the final manifest.
 
-    One MLflow run per call: params are the flattened config, metrics the progress, artifacts
-    the manifest and a plot of test accuracy over epochs.
+    Everything that can be checked is checked before anything is written: the output directory,
+    the Ray address, the MLflow URI, the dataset, the resources, and that an existing zoo in
+    ``out_dir`` has the same config. One MLflow run per call: params are the flattened config,
+    metrics the progress, artifacts the manifest and a plot of accuracy over epochs.
     """
     import ray
 
-    from raysys import datasets, tracking
+    from raysys import datasets
+    from raysys.integrity import check_output_dir, check_ray_address, check_tracking_uri
 
     if isinstance(config, (str, Path)):
         config = load_config(config, overrides)
     elif overrides:
         config = validate(ZooConfig, apply_overrides(config.model_dump(mode="json"), overrides), "overrides")
-    out_dir = Path(out_dir).expanduser().resolve()  # workers run in other directories
+    out_dir = check_output_dir(out_dir).resolve()  # absolute: workers run in other directories
+    if not ray.is_initialized():
+        check_ray_address(config.ray_address)
+    tracking_uri = check_tracking_uri(config.mlflow.tracking_uri)
     specs = expand(config)
     shards = plan_shards(specs, config.models_per_shard)
     splits = splits_for(len(specs), config.split_seed)
     resuming = _check_resume(out_dir, config)
     data = datasets.load(config.dataset.name, config.dataset.root, **config.dataset.options)
     writer = ZooWriter(out_dir)
-    writer.write_manifest(_manifest(config, data, shards, splits, "running"))
-    _clean_partial_files(out_dir)
     pending = [s for s in shards if not writer.is_complete(s.shard)]
-    done_model_epochs = sum(len(s.model_ids) for s in shards if s not in pending) * config.epochs
-    total = len(specs) * config.epochs
 
+    started_ray = False
+    if pending and not ray.is_initialized():
+        ray.init(address=config.ray_address or "local", include_dashboard=False, configure_logging=False)
+        started_ray = True
+    try:
+        if pending:
+            _check_resources(config, local=started_ray and not config.ray_address)
+        writer.write_manifest(_manifest(config, data, shards, splits, "running"))
+        _clean_partial_files(out_dir)
+        return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _check_resources(config: ZooConfig, local: bool) -> None:
+    """Ray Train waits forever for resources a cluster does not have; say so instead."""
+    import ray
+
+    r, have = config.resources, ray.cluster_resources()
+    need_cpu = r.num_workers * r.cpus_per_worker
+    if r.use_gpu and have.get("GPU", 0) < 1 and local:
+        raise RaysysError("resources.use_gpu is true but this machine's Ray has no GPU. "
+                          "Set resources.use_gpu=false (--set resources.use_gpu=false) or pass --address of a GPU cluster.")
+    if local and need_cpu > have.get("CPU", 0):
+        raise RaysysError(f"{r.num_workers} workers x {r.cpus_per_worker} CPUs need {need_cpu:g} CPUs but the local Ray "
+                          f"has {have.get('CPU', 0):g}. Lower --workers or resources.cpus_per_worker.")
+
+
+def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress) -> dict:
+    from raysys import tracking
+
+    writer = ZooWriter(out_dir)
+    total = len(specs) * config.epochs
+    done_model_epochs = sum(len(s.model_ids) for s in shards if s not in pending) * config.epochs
     tags = {"raysys.stage": "zoo", "raysys.zoo": config.name, "raysys.out_dir": str(out_dir),
             "raysys.version": __version__, "raysys.resumed": str(resuming).lower()}
-    started_ray = False
-    with tracking.start_run(config.mlflow.tracking_uri, config.mlflow.experiment, run_name=config.name,
+    with tracking.start_run(tracking_uri, config.mlflow.experiment, run_name=config.name,
                             tags=tags, params=config.model_dump(mode="json")) as run:
         import mlflow
 
@@ -444,19 +483,10 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
                             "shards_skipped": len(shards) - len(pending)})
         t0 = time.time()
         if pending:
-            if not ray.is_initialized():
-                ray.init(address=config.ray_address or "local", include_dashboard=False,
-                         configure_logging=False)
-                started_ray = True
-            try:
-                actor = _progress_actor()
-                watcher = _ProgressWatcher(actor, total, done_model_epochs, len(shards) - len(pending),
-                                           len(shards), run.info.run_id, config.mlflow.tracking_uri, progress)
-                with watcher:
-                    _run_trainer(config, out_dir, pending, splits, actor)
-            finally:
-                if started_ray:
-                    ray.shutdown()
+            actor = _progress_actor()
+            with _ProgressWatcher(actor, total, done_model_epochs, len(shards) - len(pending), len(shards),
+                                  run.info.run_id, tracking_uri, progress):
+                _run_trainer(config, out_dir, pending, splits, actor)
         wall = time.time() - t0
         missing = [s.shard for s in shards if not writer.is_complete(s.shard)]
         if missing:
@@ -465,9 +495,10 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
         records = {s.shard: json.loads(writer.shard_path(s.shard).with_suffix(".json").read_text()) for s in shards}
         manifest = _manifest(config, data, shards, splits, "complete", records)
         writer.write_manifest(manifest)
-        summary = summarize(open_zoo(out_dir))
+        zoo = open_zoo(out_dir)
+        summary = summarize(zoo)
         plot = out_dir / "summary.png"
-        plot_accuracy(open_zoo(out_dir), plot)
+        plot_accuracy(zoo, plot)
         mlflow.log_metrics({"model_epochs_done": total, "wall_s": wall,
                             "test_acc_last_mean": summary["test_acc_last"][0],
                             "test_acc_last_std": summary["test_acc_last"][1],
@@ -650,3 +681,7 @@ def register(subparsers) -> None:
     i = sub.add_parser("info", help="summarize a zoo directory")
     i.add_argument("dir")
     i.set_defaults(func=_cmd_info)
+
+    from raysys.integrity import register_verify
+
+    register_verify(sub)
