@@ -18,7 +18,7 @@ def run():
     config = pipeline.load_config(args.config, args.set)
     if args.tracking_uri:
         config.tracking_uri = args.tracking_uri
-    _common.connect(address)
+    config.ray_address = address  # joined when a stage has work left; an all-skipped rerun needs no Ray
     report = pipeline.run_pipeline(config, args.out, config_dir=Path(args.config).parent, progress=False)
     print(f"raysys job: pipeline done: {args.out}/report.md; MLflow run {report['mlflow']['pipeline_run']} "
           f"at {report['mlflow']['tracking_uri']}", flush=True)

@@ -60,7 +60,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
     from raysys import populations, zoo
 
     stages = stage_configs(config, config_dir)
-    with output_dir(out_dir) as out, ray_session(config.ray_address):
+    with output_dir(out_dir) as out, ray_session(config.ray_address) as start_ray:
         uri = tracking_uri(config, out)
         stages["zoo"].mlflow.tracking_uri = uri
         stages["populations"].mlflow.tracking_uri = uri
@@ -69,20 +69,23 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
         h = stage_hashes(config, stages)
         runs: dict[str, str | None] = {}
 
-        runs["zoo"] = run_stage(out / "zoo", h["zoo"], resumable=True, work=lambda d: (
+        def stage(name: str, work: Callable[[Path], str | None], resumable: bool = False) -> str | None:
+            return run_stage(out / name, h[name], work, resumable, before=start_ray)  # Ray only if work is left
+
+        runs["zoo"] = stage("zoo", resumable=True, work=lambda d: (
             zoo.generate(stages["zoo"], d, progress=progress), find_run(uri, stages["zoo"].mlflow.experiment, d))[1])
-        runs["hyperrep"] = run_stage(out / "hyperrep", h["hyperrep"], work=lambda d: train_autoencoder(
+        runs["hyperrep"] = stage("hyperrep", lambda d: train_autoencoder(
             stages["hyperrep"], out / "zoo", d, uri, config.evaluate, config.hyperrep_gpus, progress))
         runs["hyperrep_eval"] = read_json(out / "hyperrep" / "eval" / "eval.json").get("mlflow_run_id")
         if config.nolwln_baseline:
             nolwln = stages["hyperrep"].model_copy(deep=True)
             nolwln.loss.lwln = False
-            runs["hyperrep_nolwln"] = run_stage(out / "hyperrep_nolwln", h["hyperrep_nolwln"], work=lambda d:
-                train_autoencoder(nolwln, out / "zoo", d, uri, False, config.hyperrep_gpus, progress))
-        runs["populations"] = run_stage(out / "populations", h["populations"], work=lambda d:
-            populations.run_populations(stages["populations"], out / "zoo", out / "hyperrep", d,
-                                        out / "hyperrep_nolwln" if config.nolwln_baseline else None,
-                                        tracking_uri=uri, progress=progress).get("mlflow_parent_run_id"))
+            runs["hyperrep_nolwln"] = stage("hyperrep_nolwln", lambda d: train_autoencoder(
+                nolwln, out / "zoo", d, uri, False, config.hyperrep_gpus, progress))
+        runs["populations"] = stage("populations", lambda d: populations.run_populations(
+            stages["populations"], out / "zoo", out / "hyperrep", d,
+            out / "hyperrep_nolwln" if config.nolwln_baseline else None,
+            tracking_uri=uri, progress=progress).get("mlflow_parent_run_id"))
 
         report = write_report(config, out, h, runs)
         report["mlflow"] = link_runs(uri, config, out, runs, report)
@@ -162,7 +165,8 @@ def stage_record(stage_dir: Path) -> dict | None:
         return None  # a corrupt record means "not done"
 
 
-def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | None], resumable: bool = False) -> str | None:
+def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | None], resumable: bool = False,
+              before: Callable[[], None] | None = None) -> str | None:
     """Run ``work(stage_dir)`` unless ``stage_dir`` already holds this hash's output; returns its MLflow run id.
 
     Output from another config is removed first. An interrupted stage (no record) is resumed when
@@ -177,6 +181,8 @@ def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | Non
         print(f"raysys pipeline: {stage_dir.name}: {why}, redoing", flush=True)
         shutil.rmtree(stage_dir)
     print(f"raysys pipeline: {stage_dir.name}: running", flush=True)
+    if before is not None:
+        before()
     t0 = time.time()
     run_id = work(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -245,19 +251,25 @@ def output_dir(uri: str | Path):
 
 @contextmanager
 def ray_session(address: str | None):
-    """Use the Ray the caller started (a test, a job driver); else connect or start a private one."""
+    """Yield ``start()``, which joins Ray on first use, so that a run whose stages are all up to date
+    needs no Ray at all. A Ray the caller started (a test, a job driver) is used as is; otherwise
+    ``address``, else $RAY_ADDRESS (set inside `ray job submit`), else a private local Ray."""
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    ray.init(address=address, include_dashboard=False if address == "local" else None,
-             configure_logging=False, log_to_driver=True)
+    started = []
+
+    def start() -> None:
+        if ray.is_initialized():
+            return
+        where = address or os.environ.get("RAY_ADDRESS") or "local"
+        ray.init(address=where, include_dashboard=False if where == "local" else None, configure_logging=False)
+        started.append(where)
+
     try:
-        yield
+        yield start
     finally:
-        ray.shutdown()
+        if started:
+            ray.shutdown()
 
 
 def tracking_uri(config: PipelineConfig, out: Path) -> str:
@@ -306,10 +318,11 @@ def link_runs(uri: str, config: PipelineConfig, out: Path, runs: dict, report: d
             "raysys.version": __version__, **{f"raysys.{k}_run": v for k, v in runs.items() if v}}
     run = client.create_run(exp_id, run_name=config.name, tags=tags)
     rid = run.info.run_id
-    for key, value in report.get("hashes", {}).items():
-        client.log_param(rid, f"hash.{key}", value)
-    for key, value in flat_metrics(report).items():
-        client.log_metric(rid, key, value)
+    from mlflow.entities import Metric, Param
+
+    now = int(time.time() * 1000)
+    client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in flat_metrics(report).items()],
+                     params=[Param(f"hash.{k}", v) for k, v in report.get("hashes", {}).items()])
     for name in ["report.md", "report.json", *report.get("figures", [])]:
         if (out / name).exists():
             client.log_artifact(rid, str(out / name))
