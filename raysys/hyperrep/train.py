@@ -166,7 +166,9 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
             if stale >= tc.patience:
                 break
         bar.close()
-
+        if best_state is None:
+            raise RaysysError(f"validation reconstruction was never finite in {len(history)} epochs. "
+                              f"Lower train.lr (now {tc.lr}) or check the zoo for diverged models.")
         model.load_state_dict(best_state)
         test = evaluate(model, data["test"])
         summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "val_rec": best["val_rec"],
