@@ -9,8 +9,9 @@ Every objective is measured on the zoo's VALIDATION split (validation models, va
 images); the test split is never read here, so the search cannot select on test:
 
 * ``recon_r2``   reconstruction R² of the validation models' weights (epoch window).
-* ``probe_r2``   R² of a linear probe for test accuracy: fitted on train-split latents,
-                 scored on validation-split latents.
+* ``probe_r2``   R² of a linear probe for the models' test accuracy: fitted on train-split
+                 latents, scored on validation-split latents (the probe's ridge α is also picked
+                 there, so this is a selection score, slightly optimistic, never a test number).
 * ``sample_acc`` mean accuracy on the dataset's validation images of a population sampled with
                  the trial's KDE bandwidth / top fraction, decoded, at epoch 0 (no fine-tuning).
 
@@ -222,6 +223,11 @@ def hyperrep_path(name: str) -> str:
     return path
 
 
+def space_key(search: SearchConfig, path: str) -> str | None:
+    """The space key that searches HyperRepConfig field ``path`` (alias or dotted path), if any."""
+    return next((k for k in search.space if k not in SAMPLER_PARAMS and hyperrep_path(k) == path), None)
+
+
 def set_path(data: dict, path: str, value) -> None:
     *parents, leaf = path.split(".")
     for p in parents:
@@ -245,9 +251,7 @@ class DefineByRun:
 
     def __init__(self, search: SearchConfig, base: HyperRepConfig):
         self.space = dict(search.space)
-        self.d_key = next((k for k in self.space if hyperrep_path(k) == "model.d_model"), None) \
-            if any(k not in SAMPLER_PARAMS for k in self.space) else None
-        self.h_key = next((k for k in self.space if k not in SAMPLER_PARAMS and hyperrep_path(k) == "model.heads"), None)
+        self.d_key, self.h_key = space_key(search, "model.d_model"), space_key(search, "model.heads")
         self.base_d, self.base_h = base.model.d_model, base.model.heads
         self.heads_values = self.space[self.h_key].values() if self.h_key else [self.base_h]
         self.d_values = self.space[self.d_key].values() if self.d_key else [self.base_d]
@@ -658,10 +662,8 @@ def _scheduler(search: SearchConfig, max_epochs: int):
 
 def _max_epochs(search: SearchConfig, base: HyperRepConfig) -> int:
     """The longest a trial can train: ASHA's max_t."""
-    for key, spec in search.space.items():
-        if key not in SAMPLER_PARAMS and hyperrep_path(key) == "train.epochs":
-            return int(spec.high if isinstance(spec, IntRange) else max(spec.values()))
-    return base.train.epochs
+    key = space_key(search, "train.epochs")
+    return base.train.epochs if key is None else int(max(search.space[key].values()))
 
 
 def _ensure_ray(search: SearchConfig) -> None:

@@ -13,12 +13,13 @@ import numpy as np
 import optuna
 import pyarrow as pa
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from raysys import datasets
 from raysys.architectures import layout_of
-from raysys.config import ConfigError, load, validate
+from raysys.config import ConfigError, RaysysError, load, validate
 from raysys.hyperrep.config import HyperRepConfig
 from raysys.population import train_population
 from raysys.search import DefineByRun, SearchConfig, check_search, load_search, pareto_front, run_search
@@ -110,9 +111,9 @@ def test_shipped_configs_validate():
        heads=st.lists(st.integers(1, 8), min_size=1, max_size=4, unique=True),
        seed=st.integers(0, 10_000))
 def test_define_by_run_only_proposes_heads_that_divide_d_model(d_models, heads, seed):
-    cfg = search_config(space={"d_model": {"type": "categorical", "choices": d_models},
-                               "heads": {"type": "categorical", "choices": heads},
-                               "bandwidth": {"type": "float", "low": 0.0, "high": 0.5}})
+    cfg = search_config(space={"bandwidth": {"type": "float", "low": 0.0, "high": 0.5},  # sampler keys mix in
+                               "heads": {"type": "categorical", "choices": heads},  # before d_model: order-free
+                               "d_model": {"type": "categorical", "choices": d_models}})
     space = DefineByRun(cfg, HyperRepConfig.model_validate(TINY_BASE))
     if any(not space.valid_heads(d) for d in d_models):
         with pytest.raises(ConfigError):
@@ -131,6 +132,20 @@ def test_define_by_run_only_proposes_heads_that_divide_d_model(d_models, heads, 
         seen.add((d, h))
         study.tell(trial, float(d % 5 + h))  # any objective: TPE must still stay inside the valid set
     assert seen
+
+
+def test_asha_only_for_a_single_objective():
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raysys.search import _optuna_searcher, _scheduler
+
+    single = search_config(objectives=["sample_acc"], asha={"grace_period": 1})
+    assert isinstance(_scheduler(single, 2), ASHAScheduler)
+    assert _optuna_searcher(single, DefineByRun(single, check_search(single))).searcher.metric == "val_sample_acc"
+    multi = search_config(objectives=["sample_acc", "recon_r2"])
+    assert _scheduler(multi, 2) is None
+    assert _optuna_searcher(multi, DefineByRun(multi, check_search(multi))).searcher.metric == \
+        ["val_sample_acc", "val_recon_r2"]
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_rows():
@@ -173,8 +188,6 @@ def _interrupt_after_first_trial(out: Path, stop: threading.Event) -> None:
 def test_search_interrupted_and_resumed_keeps_every_trial(tmp_path, ray_local, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    from raysys.hyperrep.train import train
-
     zoo = make_zoo(tmp_path / "zoo")
     out = tmp_path / "search"
     cfg = search_config(space={"d_model": {"type": "categorical", "choices": [8, 12]},
@@ -195,8 +208,10 @@ def test_search_interrupted_and_resumed_keeps_every_trial(tmp_path, ray_local, m
     finished_first = {t["trial_id"] for t in _rows(out) if t["status"] == "completed"}
     assert finished_first
 
-    with pytest.raises(Exception, match="already holds a search"):
+    with pytest.raises(RaysysError, match="already holds a search"):
         run_search(cfg, zoo, out, tracking_uri=mlflow_uri)
+    with pytest.raises(RaysysError, match=r"differs .*changed: num_samples"):
+        run_search(cfg.model_copy(update={"num_samples": 5}), zoo, out, resume=True)
     summary = run_search(cfg, zoo, out, resume=True)
 
     rows = _rows(out)
@@ -220,15 +235,18 @@ def test_search_interrupted_and_resumed_keeps_every_trial(tmp_path, ray_local, m
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"best_hyperrep.yaml", "pareto.csv", "search.png", "results.csv"} <= artifacts
 
-    # The exported best config is what the winning trial trained, and training accepts it unchanged.
+    # The exported best config is exactly what the winning trial trained (its checkpoint records the
+    # config train ran with), so `raysys hyperrep train` accepts it unchanged.
     best = load(HyperRepConfig, out / "best_hyperrep.yaml")
+    trained = json.loads((out / "best_model" / "config.json").read_text())["config"]
+    assert best == HyperRepConfig.model_validate(trained)
     winner = summary["best"]
     assert best.model.d_model == winner["params"]["d_model"] and best.model.heads == winner["params"]["heads"]
     assert best.loss.beta == pytest.approx(winner["params"]["beta"])
     assert winner["trial_id"] in {p["trial_id"] for p in summary["pareto"]}
+    sampling = yaml.safe_load((out / "best_sampler.yaml").read_text())["sampling"]
+    assert sampling["bandwidth"] == pytest.approx(winner["params"]["bandwidth"])
     assert (out / "best_model" / "model.safetensors").exists() and (out / "search.png").stat().st_size > 0
-    result = train(best, zoo, tmp_path / "retrain", progress=False, tracking_uri=mlflow_uri)
-    assert np.isfinite(result["val_rec"])
 
 
 def _rows(out: Path) -> list[dict]:
