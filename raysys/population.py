@@ -50,8 +50,8 @@ CHAINS: dict[str, list[str]] = {
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 # Precompute the first layer's im2col rows for the whole training set up to this size.
 PATCH_CACHE_BYTES = 2 << 30
-# Largest first-layer activation ([N, images, Ho*Wo*O] floats) one evaluation chunk may hold.
-EVAL_CHUNK_FLOATS = 24 << 20
+# Largest first-layer activation (models x images x Ho*Wo*O floats) one evaluation chunk may hold.
+EVAL_CHUNK_FLOATS = {"cpu": 24 << 20, "cuda": 512 << 20}
 
 
 class PopulationError(RaysysError):
@@ -133,8 +133,9 @@ class _ChainPopulation:
         self.first = next(op for op in self.chain if op not in _PARAMETER_FREE)
         w = layout.tensor(f"{self.first}.weight").shape
         self.first_kernel = tuple(w[2:]) if len(w) == 4 else None
+        self.first_bias = layout.tensor(f"{self.first}.weight").name.replace("weight", "bias") in {t.name for t in layout.tensors}
         self.site_shapes = self._trace_shapes(tuple(data.x_train.shape[1:]))
-        # The first layer's input needs no gradient: its im2col rows [n, C*kh*kw, Ho*Wo] are
+        # The first layer's input needs no gradient: its im2col rows [n, C*kh*kw+1, Ho*Wo] are
         # computed once, and a step just gathers the rows of its images.
         self.train_rows = None
         if self.first_kernel is not None:
@@ -142,7 +143,7 @@ class _ChainPopulation:
             kh, kw = self.first_kernel
             nbytes = x[0].numel() * (x.shape[2] - kh + 1) * (x.shape[3] - kw + 1) * kh * kw * 4
             if nbytes <= PATCH_CACHE_BYTES or device.type == "cuda":
-                self.train_rows = F.unfold(x, self.first_kernel).contiguous()
+                self.train_rows = self._conv_rows(x, per_position=False)
 
     def _trace_shapes(self, shape) -> dict[int, tuple]:
         """Per dropout op index: the NCHW shape (without batch) train_one's hook sees."""
@@ -184,9 +185,21 @@ class _ChainPopulation:
                     x = torch.bmm(x, wt) if b is None else torch.baddbmm(b[:, None, :], x, wt)
         return x
 
+    def _conv_rows(self, x: torch.Tensor, per_position: bool) -> torch.Tensor:
+        """Images [M, C, H, W] -> first-conv im2col rows, [M, C*kh*kw (+1), Ho*Wo] or, per_position,
+        [M, Ho*Wo, C*kh*kw (+1)]; plus a row of ones when the layer has a bias, so the bias rides
+        inside the GEMM."""
+        rows = F.unfold(x, self.first_kernel)
+        if self.first_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, rows.shape[2])], dim=1)
+        return rows.transpose(1, 2).contiguous() if per_position else rows.contiguous()
+
     def _first_layer(self, params, rows: torch.Tensor, shared: bool) -> torch.Tensor:
-        """The first weight layer. rows: [B*N, K, L] (conv, per model) / [N, B, F] (linear, per model),
-        or for ``shared`` images seen by every model [M, K, L] / [M, F]."""
+        """The first weight layer. rows: per-model batches ([B*N, K, L] conv rows, image-major, or
+        [N, B, F] linear inputs), or, when ``shared``, images every model sees ([M, L, K] / [M, F]).
+
+        A conv's output is [B, N*O, Ho, Wo] in channels-last memory, the layout in which CPU
+        pooling and grouped convolutions are fastest."""
         w, b = params[f"{self.first}.weight"], params.get(f"{self.first}.bias")
         n, o = w.shape[:2]
         if self.first_kernel is None:
@@ -195,26 +208,27 @@ class _ChainPopulation:
                 y = (rows @ wt.transpose(0, 1).reshape(rows.shape[1], n * o)).view(-1, n, o).transpose(0, 1)
                 return y if b is None else y + b[:, None, :]
             return torch.bmm(rows, wt) if b is None else torch.baddbmm(b[:, None, :], rows, wt)
-        kh, kw = self.first_kernel
-        w = w.reshape(n * o, -1)
-        if shared:  # every image against all models' kernels: [M, N*O, K] (a stride-0 view) @ [M, K, L]
-            y = torch.bmm(w.expand(rows.shape[0], -1, -1), rows)
-        else:
-            y = torch.bmm(w.repeat(rows.shape[0] // n, 1).view(-1, o, w.shape[1]), rows)
-        y = y.view(-1, n * o, rows.shape[-1])
+        w = w.reshape(n, o, -1)
         if b is not None:
-            y = y + b.reshape(1, n * o, 1)
-        side = int(round(math.sqrt(rows.shape[-1])))
-        return y.view(y.shape[0], n * o, side, side)
+            w = torch.cat([w, b[:, :, None]], dim=2)  # matches the ones column of the rows
+        k, m = w.shape[2], rows.shape[0]
+        side = int(round(math.sqrt(rows.shape[1] if shared else rows.shape[2])))
+        if shared:  # every image against all models' kernels: ONE [M*L, K] @ [K, N*O] GEMM, already channels-last
+            y = (rows.reshape(-1, k) @ w.reshape(n * o, k).t()).view(m, side, side, n * o)
+        else:  # [B*N, O, K] @ [B*N, K, L] (the faster orientation on CPU), then to channels-last
+            b_imgs = m // n
+            y = torch.bmm(w.repeat(b_imgs, 1, 1), rows)
+            y = y.view(b_imgs, n, o, side, side).permute(0, 3, 4, 1, 2).reshape(b_imgs, side, side, n * o)
+        return y.permute(0, 3, 1, 2)
 
     def _train_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """First-layer input rows of the per-model batches idx [N, b], image-major: row j*N+i is model i's j-th image."""
-        flat = idx.t().reshape(-1)
+        """First-layer input rows of the per-model batches idx [N, b]; conv rows are image-major (row j*N+i is model i's j-th image)."""
         if self.first_kernel is None:
             return self.images["train"].index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+        flat = idx.t().reshape(-1)
         if self.train_rows is not None:
             return self.train_rows.index_select(0, flat)
-        return F.unfold(self.images["train"].index_select(0, flat), self.first_kernel)
+        return self._conv_rows(self.images["train"].index_select(0, flat), per_position=False)
 
     # --- training --------------------------------------------------------------------------
 
@@ -229,6 +243,7 @@ class _ChainPopulation:
             shape = self.site_shapes[i]
             if len(shape) == 3:  # [b, N*C, H, W]
                 m = torch.stack([pm[k] for pm in per_model], 1).view(b, -1, shape[1], shape[2])
+                m = m.contiguous(memory_format=torch.channels_last)
             else:  # [N, b, F]
                 m = torch.stack([pm[k] for pm in per_model])
             masks.append(m.to(self.device, non_blocking=True))
@@ -272,7 +287,7 @@ class _ChainPopulation:
         per_image = self.layout.tensor(f"{self.first}.weight").shape[0] * n
         if self.first_kernel is not None:
             per_image *= (x0.shape[2] - self.first_kernel[0] + 1) * (x0.shape[3] - self.first_kernel[1] + 1)
-        chunk = max(1, min(EVAL_BATCH, EVAL_CHUNK_FLOATS // per_image))
+        chunk = max(1, min(EVAL_BATCH, EVAL_CHUNK_FLOATS.get(self.device.type, 24 << 20) // per_image))
         out = {}
         for split in ("train", "val", "test"):
             x, y = self.images[split], self.labels[split]
@@ -280,7 +295,7 @@ class _ChainPopulation:
             correct = torch.zeros(n, dtype=torch.int64, device=self.device)
             for i in range(0, len(x), chunk):
                 xs, ys = x[i:i + chunk], y[i:i + chunk]
-                rows = xs.reshape(len(xs), -1) if self.first_kernel is None else F.unfold(xs, self.first_kernel)
+                rows = xs.reshape(len(xs), -1) if self.first_kernel is None else self._conv_rows(xs, per_position=True)
                 logits = self._forward(params, self._first_layer(params, rows, True), None)
                 m, k = logits.shape[1:]
                 loss = F.cross_entropy(logits.reshape(n * m, k), ys.repeat(n), reduction="none").view(n, m)

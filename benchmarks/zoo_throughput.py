@@ -1,0 +1,181 @@
+"""Zoo training throughput: the plain per-model loop vs the vectorized population trainer.
+
+Both sides run in ONE invocation, side by side, on the same models, data, batch size, epochs
+and per-epoch evaluation (epoch 0 included), so the ratio holds even on a noisy shared machine:
+
+  (a) loop:       ``--procs`` single-thread processes, each running ``train_one`` over its share
+                  of the models (the way one would parallelise the plain loop: one per core);
+  (b) population: ``--procs`` single-thread processes, each running ``train_population`` on its
+                  share of the models as one batched computation.
+
+Each worker loads everything, then waits at a barrier; the time is from the barrier to the last
+worker's end, so process start-up and imports are not counted on either side.
+
+    python benchmarks/zoo_throughput.py                      # CNN-s on digits, ~1-2 minutes
+    python benchmarks/zoo_throughput.py --quick              # smoke run
+    python benchmarks/zoo_throughput.py --json /tmp/tp.json  # also write the result
+    python benchmarks/zoo_throughput.py --gpu-zoo            # 1000 CNN-s x 50 epochs, 60k images, one CUDA GPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raysys import datasets  # noqa: E402
+from raysys.datasets import ImageData  # noqa: E402
+from raysys.population import train_population  # noqa: E402
+from raysys.train import ModelSpec, train_one  # noqa: E402
+
+INITS = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")
+
+
+def make_specs(n: int, activation: str, optimizer: str, batch_size: int, dropout: float) -> list[ModelSpec]:
+    """A seed-and-hyperparameter zoo of one population key: varied seeds, inits, lrs, weight decays."""
+    lrs = (1e-3, 3e-4, 3e-3) if optimizer == "adam" else (0.03, 0.01, 0.1)
+    return [ModelSpec(model_id=i, seed=1000 + i, init=INITS[i % len(INITS)], activation=activation, optimizer=optimizer,
+                      lr=lrs[i % len(lrs)], weight_decay=(0.0, 1e-4, 1e-3)[i % 3], dropout=dropout,
+                      batch_size=batch_size) for i in range(n)]
+
+
+def _worker(mode: str, arch: str, specs: list[ModelSpec], dataset: str, epochs: int, threads: int,
+            barrier, results) -> None:
+    torch.set_num_threads(threads)
+    data = datasets.load(dataset)
+    evaluated = [0]
+
+    def on_epoch(epoch, weights, metrics):  # what a zoo writer receives; forces per-epoch evaluation
+        evaluated[0] += len(weights)
+
+    barrier.wait()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if mode == "loop":
+        for spec in specs:
+            train_one(arch, spec, data, epochs, on_epoch)
+    else:
+        train_population(arch, specs, data, epochs, on_epoch)
+    results.put((mode, time.perf_counter() - start, time.time(), evaluated[0], time.process_time() - cpu_start))
+
+
+def run_side(mode: str, arch: str, specs: list[ModelSpec], dataset: str, epochs: int, procs: int, threads: int) -> dict:
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(procs + 1), ctx.Queue()
+    shares = [specs[i::procs] for i in range(procs)]
+    workers = [ctx.Process(target=_worker, args=(mode, arch, share, dataset, epochs, threads, barrier, results))
+               for share in shares if share]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    t0 = time.time()
+    out = [results.get() for _ in workers]
+    for w in workers:
+        w.join()
+        if w.exitcode != 0:
+            raise SystemExit(f"{mode} worker failed with exit code {w.exitcode}")
+    wall = max(o[2] for o in out) - t0
+    cpu = sum(o[4] for o in out)
+    assert sum(o[3] for o in out) == len(specs) * (epochs + 1), "every model must report every epoch"
+    model_epochs = len(specs) * epochs
+    # CPU seconds are the steadier measure on a shared machine: other users' load stretches wall
+    # time, not (much) the CPU time our own work needs.
+    return {"mode": mode, "processes": len(workers), "threads_per_process": threads, "wall_s": round(wall, 3),
+            "worker_s": [round(o[1], 3) for o in out], "cpu_s": round(cpu, 3), "model_epochs": model_epochs,
+            "model_epochs_per_s": round(model_epochs / wall, 3),
+            "model_epochs_per_cpu_s": round(model_epochs / cpu, 4)}
+
+
+def cpu_benchmark(args) -> dict:
+    specs = make_specs(args.models, args.activation, args.optimizer, args.batch_size, args.dropout)
+    print(f"{args.arch} on {args.dataset}: {args.models} models x {args.epochs} epochs, batch {args.batch_size}, "
+          f"{args.optimizer}, {args.procs} processes x 1 thread per side", flush=True)
+    sides = {}
+    for mode in ("loop", "population"):
+        sides[mode] = run_side(mode, args.arch, specs, args.dataset, args.epochs, args.procs, 1)
+        s = sides[mode]
+        print(f"  {mode:<11} {s['model_epochs_per_s']:8.2f} model-epochs/s  (wall {s['wall_s']:.1f} s, "
+              f"{s['model_epochs_per_cpu_s']:.3f} model-epochs per CPU-s)", flush=True)
+    ratio = sides["population"]["model_epochs_per_s"] / sides["loop"]["model_epochs_per_s"]
+    cpu_ratio = sides["population"]["model_epochs_per_cpu_s"] / sides["loop"]["model_epochs_per_cpu_s"]
+    print(f"  speed-up    {ratio:8.2f}x wall, {cpu_ratio:.2f}x per CPU-second "
+          f"(1-min load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)", flush=True)
+    return {"benchmark": "zoo_throughput", "arch": args.arch, "dataset": args.dataset, "models": args.models,
+            "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": args.optimizer,
+            "activation": args.activation, "dropout": args.dropout, "cpu_count": os.cpu_count(),
+            "load_avg_1min": os.getloadavg()[0], "torch": torch.__version__,
+            "loop": sides["loop"], "population": sides["population"], "speedup": round(ratio, 3),
+            "speedup_per_cpu_s": round(cpu_ratio, 3)}
+
+
+def synthetic_mnist(seed: int = 0, n_train: int = 60_000, n_val: int = 5_000, n_test: int = 10_000) -> ImageData:
+    """MNIST-sized random images (28x28, 10 classes), generated on the spot: no download needed."""
+    g = torch.Generator().manual_seed(seed)
+    x = lambda n: torch.rand(n, 1, 28, 28, generator=g)  # noqa: E731
+    y = lambda n: torch.randint(0, 10, (n,), generator=g)  # noqa: E731
+    return ImageData("synthetic_mnist", x(n_train), y(n_train), x(n_val), y(n_val), x(n_test), y(n_test), 10,
+                     {"synthetic": True, "seed": seed})
+
+
+def gpu_zoo(args) -> dict:
+    if not torch.cuda.is_available():
+        print("--gpu-zoo needs a CUDA GPU and none is visible here: skipped.")
+        return {"benchmark": "zoo_throughput_gpu", "skipped": "no CUDA device"}
+    models, epochs = args.models or 1000, args.epochs or 50
+    data = synthetic_mnist()
+    specs = make_specs(models, args.activation, args.optimizer, args.batch_size, args.dropout)
+    times = []
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+
+    def on_epoch(epoch, weights, metrics):  # weights arrive on the CPU, as the zoo writer gets them
+        times.append(time.perf_counter() - start)
+        print(f"  epoch {epoch:3d}  {times[-1]:8.1f} s  mean val_acc {metrics['val_acc'].mean():.3f}", flush=True)
+
+    train_population("cnn_s", specs, data, epochs, on_epoch, device="cuda")
+    wall = time.perf_counter() - start
+    result = {"benchmark": "zoo_throughput_gpu", "device": torch.cuda.get_device_name(), "models": models,
+              "epochs": epochs, "train_images": len(data.x_train), "batch_size": args.batch_size,
+              "wall_s": round(wall, 1), "epoch_times_s": [round(t, 2) for t in times],
+              "model_epochs_per_s": round(models * epochs / wall, 2)}
+    print(f"{models} models x {epochs} epochs in {wall:.0f} s: {result['model_epochs_per_s']} model-epochs/s")
+    return result
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", type=int, default=None, help="zoo size (default 24; --quick 6; --gpu-zoo 1000)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs (default 2; --quick 1; --gpu-zoo 50)")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    p.add_argument("--arch", default="cnn_s", choices=["tetris_ffn", "cnn_s", "cnn_m"])
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--activation", default="tanh")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=10)
+    p.add_argument("--procs", type=int, default=2, help="processes per side (one per core)")
+    p.add_argument("--gpu-zoo", action="store_true", help="1000 CNN-s x 50 epochs on 60k synthetic images, one CUDA GPU")
+    p.add_argument("--json", type=Path, default=None, help="write the result here")
+    args = p.parse_args(argv)
+    if args.gpu_zoo:
+        result = gpu_zoo(args)
+    else:
+        args.models = args.models or (6 if args.quick else 24)
+        args.epochs = args.epochs or (1 if args.quick else 2)
+        result = cpu_benchmark(args)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(f".{args.json.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(args.json)
+    return result
+
+
+if __name__ == "__main__":
+    main()
