@@ -87,7 +87,6 @@ def test_eval_cli_end_to_end(trained, capsys):
     rec = result["reconstruction"]
     assert rec["epochs"] == list(range(1, EPOCHS + 1)) and rec["rows"] == len(w)
     assert rec["r2"] == pytest.approx(r2_score(w, w_hat, multioutput="variance_weighted"), abs=1e-5)
-    assert rec["r2"] == pytest.approx(trained["summary"]["test_r2"], abs=1e-4)  # the trainer's own test R²
     layout = zoo.layout
     for t in layout.tensors:
         cols = slice(t.offset, t.offset + t.numel)
