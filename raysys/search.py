@@ -551,16 +551,17 @@ def _trial_status(trial, max_epochs: int) -> str:
     if trial.status == Trial.ERROR:
         return "errored"
     if trial.status == Trial.TERMINATED:
-        last = trial.last_result or {}
-        return "completed" if last.get("completed") else "pruned"
+        return _finished_status(trial, max_epochs)
     if trial.status == Trial.RUNNING:
         return "running"
     return "pending"
 
 
-def _finished_status(trial) -> str:
-    """completed (trained to the end) or pruned (stopped by the scheduler), for a trial that just ended."""
-    return "completed" if (trial.last_result or {}).get("completed") else "pruned"
+def _finished_status(trial, max_epochs: int) -> str:
+    """completed (trained to the end) or pruned (stopped early by the scheduler), for a trial that
+    ended. ASHA also stops trials that reach max_t, before their final report: those completed."""
+    last = trial.last_result or {}
+    return "completed" if last.get("completed") or last.get("epoch", 0) >= max_epochs else "pruned"
 
 
 def _trial_dirname(trial) -> str:
@@ -585,10 +586,10 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking: d
             counts = {s: 0 for s in ("completed", "pruned", "running", "pending", "errored")}
             for t in trials:
                 counts[final if final and t is trial else _trial_status(t, max_epochs)] += 1
-            for t in trials:
-                value = (t.last_result or {}).get(search.primary)
-                if value is not None and np.isfinite(value) and (self.best is None or value > self.best[0]):
-                    self.best = (float(value), t.trial_id)
+            # Best latest value: what the results table will say, not a value a trial reported and lost.
+            latest = [((t.last_result or {}).get(search.primary), t.trial_id) for t in trials]
+            latest = [(float(v), tid) for v, tid in latest if v is not None and np.isfinite(v)]
+            self.best = max(latest) if latest else None
             done = counts["completed"] + counts["pruned"] + counts["errored"]
             best = f"best {search.primary}={self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
             print(f"[search] {time.time() - self.started:6.0f}s {event:<9} {trial.trial_id}  done {done}/{search.num_samples} "
@@ -603,7 +604,7 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking: d
             self._update(trials, trial, "started", "running")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            status = _finished_status(trial)
+            status = _finished_status(trial, max_epochs)
             self._update(trials, trial, status, status)
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -624,7 +625,7 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking: d
             c.set_terminated(run_id, run_status)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._finish(trial, _finished_status(trial), "FINISHED")
+            self._finish(trial, _finished_status(trial, max_epochs), "FINISHED")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._finish(trial, "errored", "FAILED")
@@ -709,7 +710,8 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
                tracking_uri: str | None = None, config_dir: Path | None = None) -> dict:
     """Run (or resume) a search; write the outputs listed in the module docstring; return a summary."""
     from ray import tune
-    from raysys.tracking import resolve_tracking_uri
+
+    from raysys.tracking import client as mlflow_client, resolve_tracking_uri
 
     out, zoo_dir = Path(out_dir).resolve(), str(Path(zoo_dir).resolve())
     exp_path = out / "tune" / "search"
@@ -746,7 +748,6 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, search=search.model_dump(mode="json"), zoo_dir=zoo_dir, tracking=tracking),
         {"cpu": search.resources.cpu, "gpu": search.resources.gpu})
-    from raysys.tracking import client as mlflow_client
     client = mlflow_client(state["tracking_uri"])
     client.update_run(state["parent_run_id"], "RUNNING")
     # A checkpoint per evaluation forces an experiment snapshot (num_to_keep=1): intended, not a warning.
@@ -766,8 +767,12 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
                 callbacks=_make_callbacks(str(out), search, max_epochs, tracking),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
-    summary = summarize(grid, search, base, space, out, max_epochs)
+    try:
+        tuner.fit()  # results are read back from the experiment state, which holds earlier runs' trials too
+    except BaseException:
+        client.set_terminated(state["parent_run_id"], "FAILED")
+        raise
+    summary = summarize(search, base, space, out, max_epochs)
     summary["wall_seconds_this_run"] = time.time() - started
     _finish_parent(client, state, summary, out)
     return summary
@@ -775,7 +780,7 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
 
 # --- results, exports, plot ---------------------------------------------------------------------
 
-def summarize(grid, search: SearchConfig, base: HyperRepConfig, space: DefineByRun, out: Path, max_epochs: int) -> dict:
+def summarize(search: SearchConfig, base: HyperRepConfig, space: DefineByRun, out: Path, max_epochs: int) -> dict:
     """Results table, best trial, Pareto front, exported configs and the plot, from the Tune experiment."""
     import pandas as pd
     from ray.tune import ExperimentAnalysis
@@ -892,7 +897,8 @@ def plot_search(frame, search: SearchConfig, importances: dict, front, path: Pat
         ax.barh(names, [imp[n] for n in names])
         ax.set_title(f"parameter importance for {search.primary} (fANOVA)")
     else:
-        ax.text(0.5, 0.5, "importances need >= 3 finished trials\nwith varying parameters", ha="center", va="center")
+        ax.text(0.5, 0.5, f"no importances for {search.primary}:\nthey need >= 3 finished trials, varying\n"
+                          "parameters and an objective that varies", ha="center", va="center")
         ax.set_axis_off()
     if multi:
         ax = axes[2]

@@ -148,6 +148,16 @@ def test_asha_only_for_a_single_objective():
         ["val_sample_acc", "val_recon_r2"]
 
 
+def test_trials_stopped_at_max_t_count_as_completed_not_pruned():
+    from types import SimpleNamespace
+
+    from raysys.search import _finished_status
+
+    assert _finished_status(SimpleNamespace(last_result={"epoch": 4, "completed": 0}), 4) == "completed"  # ASHA at max_t
+    assert _finished_status(SimpleNamespace(last_result={"epoch": 2, "completed": 1}), 4) == "completed"  # patience
+    assert _finished_status(SimpleNamespace(last_result={"epoch": 2, "completed": 0}), 4) == "pruned"
+
+
 def test_pareto_front_keeps_exactly_the_non_dominated_rows():
     rng = np.random.default_rng(0)
     values = rng.normal(size=(40, 2))
