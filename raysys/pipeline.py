@@ -217,30 +217,36 @@ def train_autoencoder(cfg, zoo_dir: Path, out_dir: Path, uri: str, evaluate: boo
 # --- environment: output storage, Ray, MLflow ----------------------------------------------------
 
 @contextmanager
-def output_dir(uri: str | Path):
+def output_dir(uri: str | Path, filesystem=None):
     """Yield a local directory for the outputs of ``uri``.
 
     A local path (or file://) is used directly. A remote URI (s3://, gs://, ...), resolved through
     pyarrow's filesystems, is staged: existing outputs are pulled into a local scratch directory
     (so finished stages are skipped), and everything is pushed back after the run, even a failed one.
+    ``filesystem``: a pyarrow filesystem to resolve ``uri`` in, instead of the one its scheme names.
     """
     import pyarrow.fs as pafs
 
     text = str(uri)
-    if "://" not in text:
+    if "://" not in text and filesystem is None:
         yield Path(text).expanduser().resolve()
         return
     try:
-        fs, path = pafs.FileSystem.from_uri(text)
+        fs, path = (filesystem, text) if filesystem is not None else pafs.FileSystem.from_uri(text)
     except Exception as err:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError here
         raise ConfigError(f"--out {text} is not a storage URI this machine can open ({err}). Use a local or NFS path, "
                           f"or s3://bucket/prefix with AWS credentials configured.") from None
     if isinstance(fs, pafs.LocalFileSystem):
         yield Path(path).resolve()
         return
+    try:
+        exists = fs.get_file_info(path).type == pafs.FileType.Directory
+    except OSError as err:
+        raise ConfigError(f"cannot read --out {text} ({err}). Check the bucket name and the credentials "
+                          f"(AWS_PROFILE, an instance role), or write to an NFS path such as /mnt/shared/...") from None
     scratch = Path(tempfile.mkdtemp(prefix="raysys-pipeline-"))
     try:
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
+        if exists:
             pafs.copy_files(path, str(scratch), source_filesystem=fs)
         yield scratch
     finally:

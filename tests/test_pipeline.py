@@ -194,6 +194,28 @@ def test_output_dir_local_paths_and_bad_uris(tmp_path):
             pass
 
 
+def test_remote_output_is_staged_and_pushed_back(tmp_path):
+    """A non-local filesystem (here a pyarrow SubTreeFileSystem, as S3 would be) is pulled, then pushed."""
+    import pyarrow.fs as pafs
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    remote = pafs.SubTreeFileSystem(str(bucket), pafs.LocalFileSystem())
+    with pipeline.output_dir("runs/x", filesystem=remote) as out:
+        assert bucket not in out.parents
+        pipeline.run_stage(out / "zoo", "h1", Work())
+    assert json.loads((bucket / "runs/x/zoo/stage.json").read_text())["hash"] == "h1"
+    assert not out.exists()  # the scratch copy is gone
+    work = Work()
+    with pytest.raises(RuntimeError):
+        with pipeline.output_dir("runs/x", filesystem=remote) as out:
+            pipeline.run_stage(out / "zoo", "h1", work)  # pulled back, so up to date
+            (out / "partial.txt").write_text("written before a failure")
+            raise RuntimeError("a later stage failed")
+    assert work.calls == 0
+    assert (bucket / "runs/x/partial.txt").exists()  # pushed even after a failure: a rerun resumes from it
+
+
 def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert pipeline.tracking_uri(tiny(), tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
