@@ -155,7 +155,7 @@ class SamplerDefaults(Config):
 
 
 class MlflowSettings(Config):
-    tracking_uri: str | None = Field(None, description="default: sqlite:///<out>/mlflow.db (absolute)")
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db")
     experiment: str = "raysys-search"
 
 
@@ -713,6 +713,9 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
 
     from raysys.tracking import client as mlflow_client, resolve_tracking_uri
 
+    if "://" in str(out_dir):
+        raise RaysysError(f"--out {out_dir}: the search writes through the filesystem. Use a local path, or on a "
+                          f"cluster a path on storage every node mounts (e.g. /mnt/shared/search/NAME).")
     out, zoo_dir = Path(out_dir).resolve(), str(Path(zoo_dir).resolve())
     exp_path = out / "tune" / "search"
     base = check_search(search, config_dir)
@@ -734,7 +737,8 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
         if exp_path.exists():
             raise RaysysError(f"{out} already holds a search. Add --resume to continue it, or choose a new --out.")
         window_epochs(open_zoo(zoo_dir), base)  # a wrong window fails here, not in every trial
-        uri = resolve_tracking_uri(tracking_uri or search.mlflow.tracking_uri or f"sqlite:///{out / 'mlflow.db'}")
+        uri = resolve_tracking_uri(tracking_uri or search.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+                                   or f"sqlite:///{out / 'mlflow.db'}")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(saved, yaml.safe_dump(search.model_dump(mode="json"), sort_keys=False).encode())
         state = _start_parent(search, uri, out, zoo_dir)
@@ -981,5 +985,6 @@ def register(subparsers) -> None:
                    help="override a config value, e.g. --set num_samples=4 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow URI (default: mlflow.tracking_uri in the config, else sqlite:///<out>/mlflow.db)")
+                   help="MLflow URI (default: mlflow.tracking_uri in the config, else $MLFLOW_TRACKING_URI, "
+                        "else sqlite:///<out>/mlflow.db); a resume uses the search's original URI")
     p.set_defaults(func=_run)
