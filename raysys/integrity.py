@@ -292,7 +292,7 @@ def check_ray_address(address: str | None) -> None:
     """Fail fast on a Ray address nothing listens on (ray.init would retry it for minutes)."""
     if not address or address in ("local", "auto"):
         return
-    target = address[len("ray://"):] if address.startswith("ray://") else address
+    target = address.split("://", 1)[-1].split("/", 1)[0]  # ray://host:port, host:port
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         raise RaysysError(f"Ray address '{address}' is not host:port (or ray://host:port, 'auto', 'local'). "
@@ -322,7 +322,12 @@ def check_tracking_uri(uri: str | None) -> str:
                                 f"sqlite:////absolute/path/mlflow.db.") from None
     elif uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
-        if not db.parent.is_dir():
-            raise TrackingError(f"the MLflow database {db} cannot be created: {db.parent} is not a directory. "
-                                f"Create it, or pass --tracking-uri sqlite:////existing/dir/mlflow.db.")
+        if db.is_dir():
+            raise TrackingError(f"the MLflow database {db} is a directory. Name a file: --tracking-uri sqlite:///{db / 'mlflow.db'}.")
+        ancestor = db.parent
+        while not ancestor.exists():  # MLflow creates missing folders, but not through a file
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise TrackingError(f"the MLflow database {db} cannot be created: {ancestor} is a file, not a directory. "
+                                f"Pass --tracking-uri sqlite:////a/directory/mlflow.db.")
     return uri
