@@ -524,7 +524,7 @@ class _ProgressWatcher:
         self.client, self.run_id = tracking.client(tracking_uri), run_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
-        self.last_logged = 0.0
+        self.last_logged, self.last_value = 0.0, None
 
     def _poll(self, force=False):
         import ray
@@ -534,10 +534,11 @@ class _ProgressWatcher:
         except Exception:
             return
         now = self.done + model_epochs
-        self.bar.update(now - self.bar.n)
-        self.bar.set_postfix(shards=f"{self.shards_done + shards}/{self.shards_total}", refresh=False)
-        if force or time.time() - self.last_logged > 5:
-            self.last_logged = time.time()
+        if now != self.bar.n:  # redraw on progress only, so logs of non-interactive runs stay short
+            self.bar.set_postfix(shards=f"{self.shards_done + shards}/{self.shards_total}", refresh=False)
+            self.bar.update(now - self.bar.n)
+        if force or (now != self.last_value and time.time() - self.last_logged > 5):
+            self.last_logged, self.last_value = time.time(), now
             try:
                 self.client.log_metric(self.run_id, "model_epochs_done", now, step=now)
                 self.client.log_metric(self.run_id, "shards_done", self.shards_done + shards, step=now)
