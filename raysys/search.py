@@ -170,6 +170,7 @@ class SearchConfig(Config):
     resources: Resources = Resources()
     asha: Asha = Asha()
     eval_every: int = Field(1, gt=0, description="epochs between objective evaluations (the last epoch always counts)")
+    data_root: str | None = Field(None, description="where on-disk image datasets live (mnist, cifar10, ...), for sample_acc")
     seed: int = 0
     mlflow: MlflowSettings = MlflowSettings()
 
@@ -235,12 +236,6 @@ def set_path(data: dict, path: str, value) -> None:
     data[leaf] = value
 
 
-def get_path(config: Config, path: str):
-    for part in path.split("."):
-        config = getattr(config, part)
-    return config
-
-
 class DefineByRun:
     """Optuna define-by-run space: ``space(trial) -> {"hyperrep": {...}, "sampler": {...}}``.
 
@@ -273,7 +268,8 @@ class DefineByRun:
                 f"range a step that is a multiple of them, or add 1 to the heads choices.")
 
     def valid_heads(self, d_model: int) -> list:
-        return [h for h in self.heads_values if isinstance(h, int) and h > 0 and d_model % h == 0]
+        return [h for h in self.heads_values
+                if isinstance(h, int) and not isinstance(h, bool) and h > 0 and d_model % h == 0]
 
     def __call__(self, trial) -> dict:
         hyperrep, sampler = {}, {}
@@ -307,8 +303,8 @@ def base_hyperrep(search: SearchConfig, config_dir: Path | None = None) -> Hyper
     data: dict = {}
     if search.base_config:
         path = Path(search.base_config)
-        if not path.is_absolute() and not path.exists() and config_dir is not None:
-            path = config_dir / path
+        if not path.is_absolute() and config_dir is not None and (config_dir / path).exists():
+            path = config_dir / path  # relative to the search config, like an include
         data = read_yaml(path)
     data = _merge(data, search.base)
     return validate(HyperRepConfig, data, source=f"search base ({search.base_config or 'inline'})")
@@ -378,7 +374,7 @@ class Objectives:
     """
 
     def __init__(self, zoo_dir: str | Path, hyperrep: HyperRepConfig, sampler: dict, objectives: list[str],
-                 seed: int = 0):
+                 seed: int = 0, data_root: str | None = None):
         zoo = open_zoo(zoo_dir)
         self.layout, self.objectives, self.sampler, self.seed = zoo.layout, objectives, sampler, seed
         self.epochs = window_epochs(zoo, hyperrep)
@@ -395,7 +391,7 @@ class Objectives:
         if "sample_acc" in objectives:
             import dataclasses
             from raysys.hyperrep.evaluate import zoo_dataset
-            data = zoo_dataset(zoo.manifest)
+            data = zoo_dataset(zoo.manifest, data_root)
             # accuracies() scores the "test" images of the data it gets: hand it the validation images.
             self.val_images = dataclasses.replace(data, x_test=data.x_val, y_test=data.y_val)
 
@@ -471,7 +467,7 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
     sampler = trial_sampler(search, config["sampler"])
     trial_id = ray.tune.get_context().get_trial_id()
     run_id = child_run(tracking, trial_id, sampler)
-    objectives = Objectives(zoo_dir, hyperrep, sampler, search.objectives, seed=search.seed)
+    objectives = Objectives(zoo_dir, hyperrep, sampler, search.objectives, seed=search.seed, data_root=search.data_root)
 
     work = Path(tempfile.mkdtemp(prefix="raysys-search-")) / f"trial-{trial_id}"
     try:
