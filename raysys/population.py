@@ -6,16 +6,18 @@ generators, its own learning rate and weight decay, torch.optim's Adam/SGD updat
 changes is the shape of the computation: parameters live in one ``[N, P]`` tensor in the
 canonical flat layout, and each layer runs for all N models at once as a batched matmul.
 
-Kernels (why they look the way they do):
+Kernels (why they look the way they do; measured on CPU, see benchmarks/zoo_throughput.py):
 
-* Activations are channels-last ``[N, B, H, W, C]``, so a convolution is one ``bmm`` of its
-  im2col rows ``[N, B*Ho*Wo, kh*kw*C]`` with the kernel matrix ``[N, kh*kw*C, O]``: long,
-  well-shaped GEMMs instead of N*B tiny ones or a grouped convolution (slow on CPU).
-* im2col is a zero-copy ``as_strided`` window view; its backward (col2im) is kh*kw slice adds.
-* The first layer's input needs no gradient, so its im2col rows are computed once for the
-  whole training set and each step just gathers the rows of its images.
+* Convolutional activations are ``[B, N*C, H, W]`` with model i's channels as group i, so
+  every conv is ONE grouped ``conv2d`` (groups=N) over all models, and the activations live in
+  channels-last memory, where oneDNN's grouped convolutions and torch's CPU max-pool are
+  2-3x faster than in NCHW. Linear layers are ``bmm`` over ``[N, B, F]``.
+* Pooling and activations are torch's own ops, so ties and NaNs behave as in ``train_one``.
 * Evaluation shows the same images to every model, so the first layer is ONE GEMM of the
-  shared rows against all models' kernels side by side.
+  shared im2col rows (plus a ones column for the bias) against all models' kernels side by
+  side, landing directly in channels-last layout.
+* Parameters and Adam moments are single ``[N, P]`` tensors: the optimizer is a handful of
+  elementwise ops per step with per-model lr / weight decay columns.
 * Nothing reduces across the model axis (the loss is summed only to seed backward, which
   gives every model the gradient of its own loss), so a diverged model cannot leak NaN into
   the others.
@@ -48,8 +50,6 @@ CHAINS: dict[str, list[str]] = {
     "cnn_m": _CNN_M,
 }
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
-# Precompute the first layer's im2col rows for the whole training set up to this size.
-PATCH_CACHE_BYTES = 2 << 30
 # Largest first-layer activation (models x images x Ho*Wo*O floats) one evaluation chunk may hold.
 EVAL_CHUNK_FLOATS = {"cpu": 24 << 20, "cuda": 512 << 20}
 
@@ -135,15 +135,6 @@ class _ChainPopulation:
         self.first_kernel = tuple(w[2:]) if len(w) == 4 else None
         self.first_bias = layout.tensor(f"{self.first}.weight").name.replace("weight", "bias") in {t.name for t in layout.tensors}
         self.site_shapes = self._trace_shapes(tuple(data.x_train.shape[1:]))
-        # The first layer's input needs no gradient: its im2col rows [n, C*kh*kw+1, Ho*Wo] are
-        # computed once, and a step just gathers the rows of its images.
-        self.train_rows = None
-        if self.first_kernel is not None:
-            x = self.images["train"]
-            kh, kw = self.first_kernel
-            nbytes = x[0].numel() * (x.shape[2] - kh + 1) * (x.shape[3] - kw + 1) * kh * kw * 4
-            if nbytes <= PATCH_CACHE_BYTES or device.type == "cuda":
-                self.train_rows = self._conv_rows(x, per_position=False)
 
     def _trace_shapes(self, shape) -> dict[int, tuple]:
         """Per dropout op index: the NCHW shape (without batch) train_one's hook sees."""
@@ -185,50 +176,47 @@ class _ChainPopulation:
                     x = torch.bmm(x, wt) if b is None else torch.baddbmm(b[:, None, :], x, wt)
         return x
 
-    def _conv_rows(self, x: torch.Tensor, per_position: bool) -> torch.Tensor:
-        """Images [M, C, H, W] -> first-conv im2col rows, [M, C*kh*kw (+1), Ho*Wo] or, per_position,
-        [M, Ho*Wo, C*kh*kw (+1)]; plus a row of ones when the layer has a bias, so the bias rides
-        inside the GEMM."""
+    def _conv_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Images [M, C, H, W] -> first-conv im2col rows [M, Ho*Wo, C*kh*kw (+1)], with a column of
+        ones when the layer has a bias, so the bias rides inside the GEMM."""
         rows = F.unfold(x, self.first_kernel)
         if self.first_bias:
             rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, rows.shape[2])], dim=1)
-        return rows.transpose(1, 2).contiguous() if per_position else rows.contiguous()
+        return rows.transpose(1, 2).contiguous()
 
-    def _first_layer(self, params, rows: torch.Tensor, shared: bool) -> torch.Tensor:
-        """The first weight layer. rows: per-model batches ([B*N, K, L] conv rows, image-major, or
-        [N, B, F] linear inputs), or, when ``shared``, images every model sees ([M, L, K] / [M, F]).
+    def _first_layer(self, params, x: torch.Tensor, shared: bool) -> torch.Tensor:
+        """The first weight layer.
 
-        A conv's output is [B, N*O, Ho, Wo] in channels-last memory, the layout in which CPU
-        pooling and grouped convolutions are fastest."""
+        Per-model batches (``shared`` False): x is [N, B, F] for a linear layer, or for a conv the
+        images [B, N*C, H, W] in channels-last memory (group i = model i's images), the layout in
+        which CPU grouped convolutions and pooling are fastest.
+        Images every model sees (``shared``, evaluation): x is [M, F], or for a conv its im2col
+        rows [M, Ho*Wo, K], and the layer is ONE GEMM against all models' weights side by side.
+        """
         w, b = params[f"{self.first}.weight"], params.get(f"{self.first}.bias")
         n, o = w.shape[:2]
         if self.first_kernel is None:
             wt = w.transpose(1, 2)
-            if shared:  # one GEMM for all models: [M, F] @ [F, N*O]
-                y = (rows @ wt.transpose(0, 1).reshape(rows.shape[1], n * o)).view(-1, n, o).transpose(0, 1)
+            if shared:  # [M, F] @ [F, N*O]
+                y = (x @ wt.transpose(0, 1).reshape(x.shape[1], n * o)).view(-1, n, o).transpose(0, 1)
                 return y if b is None else y + b[:, None, :]
-            return torch.bmm(rows, wt) if b is None else torch.baddbmm(b[:, None, :], rows, wt)
+            return torch.bmm(x, wt) if b is None else torch.baddbmm(b[:, None, :], x, wt)
+        if not shared:
+            return F.conv2d(x, w.reshape(n * o, *w.shape[2:]), None if b is None else b.reshape(-1), groups=n)
         w = w.reshape(n, o, -1)
         if b is not None:
-            w = torch.cat([w, b[:, :, None]], dim=2)  # matches the ones column of the rows
-        k, m = w.shape[2], rows.shape[0]
-        side = int(round(math.sqrt(rows.shape[1] if shared else rows.shape[2])))
-        if shared:  # every image against all models' kernels: ONE [M*L, K] @ [K, N*O] GEMM, already channels-last
-            y = (rows.reshape(-1, k) @ w.reshape(n * o, k).t()).view(m, side, side, n * o)
-        else:  # [B*N, O, K] @ [B*N, K, L] (the faster orientation on CPU), then to channels-last
-            b_imgs = m // n
-            y = torch.bmm(w.repeat(b_imgs, 1, 1), rows)
-            y = y.view(b_imgs, n, o, side, side).permute(0, 3, 4, 1, 2).reshape(b_imgs, side, side, n * o)
-        return y.permute(0, 3, 1, 2)
+            w = torch.cat([w, b[:, :, None]], dim=2)  # matches the rows' column of ones
+        m, side = x.shape[0], int(round(math.sqrt(x.shape[1])))
+        y = (x.reshape(-1, w.shape[2]) @ w.reshape(n * o, -1).t()).view(m, side, side, n * o)
+        return y.permute(0, 3, 1, 2)  # [M, N*O, Ho, Wo], channels-last memory
 
-    def _train_rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """First-layer input rows of the per-model batches idx [N, b]; conv rows are image-major (row j*N+i is model i's j-th image)."""
+    def _train_inputs(self, idx: torch.Tensor) -> torch.Tensor:
+        """First-layer inputs of the per-model batches idx [N, b] (see :meth:`_first_layer`)."""
+        x = self.images["train"]
         if self.first_kernel is None:
-            return self.images["train"].index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
-        flat = idx.t().reshape(-1)
-        if self.train_rows is not None:
-            return self.train_rows.index_select(0, flat)
-        return self._conv_rows(self.images["train"].index_select(0, flat), per_position=False)
+            return x.index_select(0, idx.reshape(-1)).view(*idx.shape, -1)
+        x = x.index_select(0, idx.t().reshape(-1))  # image-major: j*N + i is model i's j-th image
+        return x.view(idx.shape[1], -1, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
 
     # --- training --------------------------------------------------------------------------
 
@@ -252,7 +240,7 @@ class _ChainPopulation:
     def _step(self, idx: torch.Tensor) -> None:
         w = self.weights.requires_grad_(True)
         params = architectures.split_vector(w, self.layout)
-        logits = self._forward(params, self._first_layer(params, self._train_rows(idx), False), self._masks(idx.shape[1]))
+        logits = self._forward(params, self._first_layer(params, self._train_inputs(idx), False), self._masks(idx.shape[1]))
         n, b, k = logits.shape
         y = self.labels["train"][idx]
         # Each model's loss is the mean over its own batch; summing only seeds backward, so every
@@ -295,7 +283,7 @@ class _ChainPopulation:
             correct = torch.zeros(n, dtype=torch.int64, device=self.device)
             for i in range(0, len(x), chunk):
                 xs, ys = x[i:i + chunk], y[i:i + chunk]
-                rows = xs.reshape(len(xs), -1) if self.first_kernel is None else self._conv_rows(xs, per_position=True)
+                rows = xs.reshape(len(xs), -1) if self.first_kernel is None else self._conv_rows(xs)
                 logits = self._forward(params, self._first_layer(params, rows, True), None)
                 m, k = logits.shape[1:]
                 loss = F.cross_entropy(logits.reshape(n * m, k), ys.repeat(n), reduction="none").view(n, m)
