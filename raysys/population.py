@@ -71,7 +71,10 @@ def train_population(arch: str, specs: Sequence[ModelSpec], data: ImageData, epo
     layout = _check(arch, specs, data, epochs, init_weights)
     if arch not in CHAINS:
         return _train_one_by_one(arch, specs, data, epochs, on_epoch, init_weights)
-    return _ChainPopulation(arch, layout, specs, data, torch.device(device), init_weights).fit(epochs, on_epoch)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PopulationError(f"device '{device}' was requested but no CUDA GPU is visible. Pass device='cpu'.")
+    return _ChainPopulation(arch, layout, specs, data, dev, init_weights).fit(epochs, on_epoch)
 
 
 def _check(arch, specs, data, epochs, init_weights) -> architectures.Layout:
@@ -133,7 +136,7 @@ class _ChainPopulation:
         self.first = next(op for op in self.chain if op not in _PARAMETER_FREE)
         w = layout.tensor(f"{self.first}.weight").shape
         self.first_kernel = tuple(w[2:]) if len(w) == 4 else None
-        self.first_bias = layout.tensor(f"{self.first}.weight").name.replace("weight", "bias") in {t.name for t in layout.tensors}
+        self.first_bias = f"{self.first}.bias" in {t.name for t in layout.tensors}
         self.site_shapes = self._trace_shapes(tuple(data.x_train.shape[1:]))
 
     def _trace_shapes(self, shape) -> dict[int, tuple]:

@@ -21,7 +21,7 @@ def _jitter(x: torch.Tensor, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def small_digits(digits):
-    """100 training and 40 val/test digits (10 steps per epoch), lightly jittered.
+    """60 training and 30 val/test digits (6 steps per epoch), lightly jittered.
 
     Why the jitter: the digits have exactly constant backgrounds, where max-pool windows hold
     exact ties. Which element of a tie wins depends on the last bit of the convolution, and
@@ -29,9 +29,9 @@ def small_digits(digits):
     two trainers may route a gradient to different (equally valid) positions. Jitter of 1 %
     removes exact ties; everything else must then agree to float precision.
     """
-    return dataclasses.replace(digits, x_train=_jitter(digits.x_train[:100], 0), y_train=digits.y_train[:100],
-                               x_val=_jitter(digits.x_val[:40], 1), y_val=digits.y_val[:40],
-                               x_test=_jitter(digits.x_test[:40], 2), y_test=digits.y_test[:40])
+    return dataclasses.replace(digits, x_train=_jitter(digits.x_train[:60], 0), y_train=digits.y_train[:60],
+                               x_val=_jitter(digits.x_val[:30], 1), y_val=digits.y_val[:30],
+                               x_test=_jitter(digits.x_test[:30], 2), y_test=digits.y_test[:30])
 
 
 def _record(store: dict):
@@ -155,3 +155,10 @@ def test_cnn_m_uses_the_same_semantics():
                                x_test=_jitter(data.x_test[:20], 2), y_test=data.y_test[:20])
     specs = _specs(3, "adam", "gelu", 0.1)
     _assert_same(_one_at_a_time("cnn_m", specs, data, 1), _together("cnn_m", specs, data, 1)[0])
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(small_digits):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(RaysysError, match="no CUDA GPU is visible"):
+        train_population("cnn_s", _specs(1), small_digits, 1, device="cuda")
