@@ -31,7 +31,7 @@ from typing import Any, Callable
 from pydantic import Field
 
 from raysys import __version__
-from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
+from raysys.config import Config, ConfigError, apply_overrides, read_yaml, validate
 from raysys.store import atomic_write_bytes, atomic_write_json
 
 STAGE_FILE = "stage.json"
