@@ -533,7 +533,8 @@ class _ProgressWatcher:
             model_epochs, shards = ray.get(self.actor.get.remote(), timeout=10)
         except Exception:
             return
-        now = self.done + model_epochs
+        # a worker group restarted mid-shard counts that shard's epochs again: clamp to the plan
+        now = min(self.done + model_epochs, self.bar.total)
         if now != self.bar.n:  # redraw on progress only, so logs of non-interactive runs stay short
             self.bar.set_postfix(shards=f"{self.shards_done + shards}/{self.shards_total}", refresh=False)
             self.bar.update(now - self.bar.n)
