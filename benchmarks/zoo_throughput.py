@@ -150,7 +150,7 @@ def gpu_zoo(args) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", type=int, default=None, help="zoo size (default 24; --quick 6; --gpu-zoo 1000)")
+    p.add_argument("--models", type=int, default=None, help="zoo size (default 48; --quick 6; --gpu-zoo 1000)")
     p.add_argument("--epochs", type=int, default=None, help="epochs (default 2; --quick 1; --gpu-zoo 50)")
     p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
     p.add_argument("--arch", default="cnn_s", choices=["tetris_ffn", "cnn_s", "cnn_m"])
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     if args.gpu_zoo:
         result = gpu_zoo(args)
     else:
-        args.models = args.models or (6 if args.quick else 24)
+        args.models = args.models or (6 if args.quick else 48)
         args.epochs = args.epochs or (1 if args.quick else 2)
         result = cpu_benchmark(args)
     if args.json is not None:
