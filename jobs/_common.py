@@ -37,7 +37,8 @@ def ray_address(address: str | None) -> str:
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise RaysysError("no Ray cluster to run on: RAY_ADDRESS is not set. Submit the job with "
-                          "`ray job submit --working-dir . -- python jobs/...`, or pass --address local to run here.")
+                          "`ray job submit --working-dir . -- python jobs/...`, or set RAY_ADDRESS=local (or pass --address local) "
+                          "to run on this machine.")
     return address
 
 
