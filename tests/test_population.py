@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from raysys import architectures, datasets
+from raysys import architectures, datasets, store
 from raysys.config import RaysysError
 from raysys.population import train_population
 from raysys.train import METRICS, ModelSpec, train_one
@@ -130,7 +130,10 @@ def test_diverged_model_does_not_poison_the_others(small_digits):
     torch.testing.assert_close(final[ok], clean_final, atol=1e-6, rtol=1e-5)
     for k in METRICS:
         np.testing.assert_allclose(got[1][1][k][ok], clean[1][1][k], atol=1e-5, err_msg=k)
-    assert layout.num_params == final.shape[1]
+    # The zoo store flags exactly the sick models' rows.
+    table = store.rows_table(layout.num_params, [s.model_id for s in specs], 1, ["train"] * 4,
+                             got[1][0].numpy(), got[1][1], [s.hyperparameters() for s in specs])
+    assert table.column("diverged").to_pylist() == [False, True, True, False]
 
 
 def test_mixed_population_is_refused(small_digits):
