@@ -46,6 +46,13 @@ class HyperRepresentation(nn.Module):
         self.dec_pos = nn.Parameter(0.02 * torch.randn(1, T, m.d_model))
         self.decoder = _transformer(m)
         self.unembed = nn.ModuleList(nn.Linear(m.d_model, w) for w in widths)
+        # Decoded weights start near zero. With torch's default init they start several sigma off,
+        # and the first large gradients collapse z to the zoo mean, from which training escapes
+        # only slowly (measured on 16 cnn_s models: R^2 0.03 vs 0.98 after 300 steps).
+        with torch.no_grad():
+            for head in self.unembed:
+                head.weight.mul_(0.01)
+                head.bias.zero_()
         # contrastive projection head
         self.projection = nn.Sequential(nn.Linear(m.latent_dim, m.projection_dim), nn.GELU(),
                                         nn.Linear(m.projection_dim, m.projection_dim))
