@@ -153,11 +153,13 @@ def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_l
     n_shards = 8
     address = ray_local.get_runtime_context().gcs_address
 
-    # 1. a real `raysys zoo generate` in its own process (joined to the test's Ray), SIGKILLed once a shard is done
+    # 1. a real generation in its own process (joined to the test's Ray), SIGKILLed once a shard is done.
+    # It calls the zoo stage directly: `python -m raysys.cli` would also import every other stage.
     log = open(tmp_path / "killed.log", "wb")
+    run = ("import sys; from raysys.zoo import generate; "
+           "generate(sys.argv[1], sys.argv[2], overrides=sys.argv[3:], progress=False)")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "raysys.cli", "zoo", "generate", str(cfg), "--out", str(out),
-         "--address", address, "--tracking-uri", mlflow_uri, "--no-progress"],
+        [sys.executable, "-c", run, str(cfg), str(out), f"ray_address={address}", f"mlflow.tracking_uri={mlflow_uri}"],
         cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list((out / "shards").glob("shard-*.json")):
@@ -219,7 +221,8 @@ def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_l
     assert run.data.params["epochs"] == "3" and run.data.params["grid.lr"] == "[0.01]"
     assert run.data.params["seeds.count"] == "16" and run.data.params["dataset.name"] == "tetris"
     assert run.data.metrics["model_epochs_done"] == 16 * 3
-    assert run.data.metrics["shards_skipped"] == len(complete)
+    # >=: the killed job's worker may still finish a shard before Ray reaps it; never fewer
+    assert run.data.metrics["shards_skipped"] >= len(complete)
     assert 0.0 <= run.data.metrics["test_acc_last_mean"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"manifest.json", "summary.png"} <= artifacts
