@@ -61,10 +61,10 @@ def tiny_zoo(tmp_path_factory):
 
 def tiny_config(**overrides) -> PopulationsConfig:
     base = {"num_models": 4, "zoo_epochs": [2, 3],
-            "methods": ["S_KDE", "S_KDE30", "B_KDE30", "B_T", "B_noise_0.02", "S_U"],
+            "methods": ["S_KDE", "S_KDE30", "B_KDE30", "B_T", "B_noise_0.02"],
             "finetune": {"budgets": [0, 1, 2], "num_actors": 2, "lr": 0.01, "batch_size": 32},
             "transfer": {"dataset": "tetris", "dataset_options": {"seed": 1, "noise": 0.3},
-                         "methods": ["S_KDE30", "B_F", "B_T"]}}
+                         "methods": ["S_KDE30", "B_F"]}}
     base.update(overrides)
     return validate(PopulationsConfig, base)
 
@@ -132,8 +132,8 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     res = run_populations(cfg, tiny_zoo, None, out, autoencoder=ae, nolwln_autoencoder=weak,
                           tracking_uri=mlflow_uri, progress=False)
     pops = {(p["setting"], p["name"]): p for p in res["populations"]}
-    assert set(pops) == {("in_dataset", m) for m in ["S_KDE", "S_KDE30", "B_KDE30", "B_T", "B_noise_0.02", "S_U"]} \
-        | {("transfer", m) for m in ["S_KDE30", "B_F", "B_T"]}
+    assert set(pops) == {("in_dataset", m) for m in ["S_KDE", "S_KDE30", "B_KDE30", "B_T", "B_noise_0.02"]} \
+        | {("transfer", m) for m in ["S_KDE30", "B_F"]}
     for p in pops.values():
         assert all(len(p["test_acc"][b]) == 4 for b in ("0", "1", "2"))
         assert set(p["novelty"]) == {"epoch_0", "epoch_2"}
@@ -155,7 +155,7 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     row = [r for r in tables["in_dataset"]["accuracy"] if r["method"] == "S_KDE" and r["epoch"] == 0][0]
     assert row["mean"] == pytest.approx(100 * np.mean(pops[("in_dataset", "S_KDE")]["test_acc"]["0"]))
     cmp = json.loads((out / "report.json").read_text())["noise_comparison"]
-    assert {r["method"] for r in cmp} == {"S_KDE", "S_KDE30", "S_U", "B_KDE30"}
+    assert {r["method"] for r in cmp} == {"S_KDE", "S_KDE30", "B_KDE30"}
     assert all(r["noise"] == "B_noise_0.02" for r in cmp)
 
     from mlflow.tracking import MlflowClient
