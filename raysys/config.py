@@ -100,7 +100,10 @@ def apply_overrides(data: dict, overrides: list[str] | None) -> dict:
 
 
 def load(cls: type[C], path: str | Path, overrides: list[str] | None = None) -> C:
-    return validate(cls, apply_overrides(read_yaml(path), overrides), source=str(path))
+    data = read_yaml(path)
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides)
+    return validate(cls, data, source=str(path))
 
 
 def dump(config: Config, path: str | Path) -> None:
