@@ -286,18 +286,11 @@ def tracking_uri(config: PipelineConfig, out: Path) -> str:
 
 
 def ensure_experiments(uri: str, names: list[str]) -> None:
-    """Create the stage experiments up front, with artifacts beside a sqlite database.
-
-    Left to MLflow, an experiment created on a sqlite store keeps its artifacts in ./mlruns of
-    whichever directory the first run happened to start in; with a server, the server decides.
-    """
+    """Create the stage experiments up front, with artifacts beside a sqlite database."""
     from raysys import tracking
 
-    client = tracking.client(uri)
-    root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" if uri.startswith("sqlite:///") else None
     for name in names:
-        if client.get_experiment_by_name(name) is None:
-            client.create_experiment(name, artifact_location=None if root is None else str(root / name))
+        tracking.experiment_id(uri, name)
 
 
 def find_run(uri: str, experiment: str, out_dir: Path) -> str | None:

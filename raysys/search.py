@@ -678,13 +678,11 @@ def _ensure_ray(search: SearchConfig) -> None:
 
 
 def _start_parent(search: SearchConfig, tracking_uri: str, out: Path, zoo_dir: str) -> dict:
-    from raysys.tracking import client, flatten_params
+    from raysys.tracking import client, experiment_id, flatten_params
     from mlflow.entities import Param
 
     c = client(tracking_uri)
-    exp = c.get_experiment_by_name(search.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else c.create_experiment(
-        search.mlflow.experiment, artifact_location=_artifact_location(tracking_uri))
+    exp_id = experiment_id(tracking_uri, search.mlflow.experiment)
     run = c.create_run(exp_id, run_name=f"search-{out.name}",
                        tags={"raysys.stage": "search", "raysys.out": str(out), "raysys.zoo": zoo_dir})
     params = flatten_params({"search": search.model_dump(mode="json", exclude={"base"}), "zoo": zoo_dir})
@@ -693,11 +691,6 @@ def _start_parent(search: SearchConfig, tracking_uri: str, out: Path, zoo_dir: s
         c.log_batch(run.info.run_id, params=items[i:i + 100])
     c.log_dict(run.info.run_id, search.base, "base_hyperrep.json")
     return {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": run.info.run_id, "zoo": zoo_dir}
-
-
-def _artifact_location(uri: str) -> str | None:
-    # Next to the sqlite file: MLflow's default (./mlruns) would land in whatever the cwd is.
-    return str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:///") else None
 
 
 # --- the search ---------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
     uri = resolve_tracking_uri(tracking_uri)
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment(experiment)
+        mlflow.set_experiment(experiment_id=experiment_id(uri, experiment))
     except Exception as err:  # an unreachable server or a locked/corrupt db: say where and how to fix
         raise TrackingError(f"cannot open MLflow experiment '{experiment}' at {uri}: {err}. "
                             f"Check --tracking-uri (or mlflow.tracking_uri in the config).") from None
@@ -92,6 +92,28 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
         except KeyboardInterrupt:
             mlflow.end_run("KILLED")
             raise
+
+
+def experiment_id(tracking_uri: str | None, name: str) -> str:
+    """The id of experiment ``name``, created if missing with its artifacts beside a sqlite database.
+
+    Left to MLflow, an experiment created on a sqlite store keeps its artifacts in ./mlruns of
+    whichever directory the first run happened to start in (Tune trials change it); with a
+    server, the server decides.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name if uri.startswith("sqlite:///") else None
+    try:
+        return c.create_experiment(name, artifact_location=None if root is None else str(root))
+    except Exception:  # created by a concurrent process in the meantime
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def client(tracking_uri: str | None = None):

@@ -345,14 +345,11 @@ def _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out: Path, fi
     from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
-    from raysys.tracking import flatten_params, resolve_tracking_uri
+    from raysys.tracking import experiment_id, flatten_params, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(EXPERIMENT)
-    # Artifacts next to a sqlite database: MLflow's default (./mlruns) depends on the cwd.
-    root = str(Path(uri[len("sqlite:///"):]).parent / "mlartifacts") if uri.startswith("sqlite:///") else None
-    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENT, artifact_location=root)
+    exp_id = experiment_id(uri, EXPERIMENT)
     tags = {"raysys.stage": "hyperrep-eval", "raysys.checkpoint": str(Path(checkpoint_dir).resolve()),
             "raysys.zoo": str(Path(zoo_dir).resolve())}
     source_run = _checkpoint_run_id(hr)
