@@ -178,6 +178,12 @@ def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_l
             last, stable_since = state, time.time()
         time.sleep(0.2)
     complete = [s for s in range(n_shards) if writer.is_complete(s)]
+    if len(complete) == n_shards:
+        # On an idle machine the orphaned worker can finish every tiny shard before Ray reaps it;
+        # drop the later shards' completion records, the state an earlier death leaves behind.
+        for s in complete[n_shards // 2:]:
+            writer.shard_path(s).with_suffix(".json").unlink()
+        complete = complete[:n_shards // 2]
     assert 1 <= len(complete) < n_shards, complete
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "running" and len(manifest["shards"]) == n_shards
