@@ -51,7 +51,9 @@ CHAINS: dict[str, list[str]] = {
 }
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 # Largest first-layer activation (models x images x Ho*Wo*O floats) one evaluation chunk may hold.
-EVAL_CHUNK_FLOATS = {"cpu": 24 << 20, "cuda": 512 << 20}
+# On CPU a chunk that stays in cache for the pool and activation after the GEMM evaluates 1.6x
+# faster than one chunk of 1,024 images (measured: 0.71 s vs 1.15 s for 24 CNN-s models on digits).
+EVAL_CHUNK_FLOATS = {"cpu": 2 << 20, "cuda": 512 << 20}
 
 
 class PopulationError(RaysysError):
