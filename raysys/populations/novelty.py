@@ -223,7 +223,8 @@ def novelty(generated, training, layout: Layout, x_test: torch.Tensor, activatio
     }
 
 
-def _mean_std(x) -> tuple[float, float]:
+def finite_mean_std(x) -> tuple[float, float]:
+    """Mean and sample std over the finite values (diverged models are counted apart, not averaged in)."""
     x = np.asarray(x, dtype=np.float64)
     x = x[np.isfinite(x)]
     if len(x) == 0:
@@ -235,7 +236,7 @@ def summarize(raw, aligned, agreement, div_raw, div_aligned, non_finite: int = 0
     out = {}
     for key, values in [("nearest_raw", raw), ("nearest_aligned", aligned), ("agreement", agreement),
                         ("diversity_raw", div_raw), ("diversity_aligned", div_aligned)]:
-        m, s = _mean_std(values) if values is not None else (float("nan"), float("nan"))
+        m, s = finite_mean_std(values) if values is not None else (float("nan"), float("nan"))
         out[f"{key}_mean"], out[f"{key}_std"] = m, s
     out["non_finite_models"] = non_finite
     return out

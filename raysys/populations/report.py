@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raysys.populations.novelty import finite_mean_std
 from raysys.store import atomic_write_bytes
 
 SETTING_TITLES = {"in_dataset": "In-dataset (000 Table 1)", "transfer": "Transfer (000 Table 2)"}
@@ -31,21 +32,13 @@ NOVELTY_COLUMNS = [
 ]
 
 
-def _stats(values) -> tuple[float, float]:
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
 def tables(results: dict) -> dict:
     """{setting: {"accuracy": [rows], "novelty": [rows]}} with one row per method (x budget)."""
     out: dict[str, dict] = {}
     for pop in results["populations"]:
         t = out.setdefault(pop["setting"], {"dataset": pop["dataset"], "accuracy": [], "novelty": []})
         for budget in results["budgets"]:
-            m, s = _stats(pop["test_acc"][str(budget)])
+            m, s = finite_mean_std(pop["test_acc"][str(budget)])
             t["accuracy"].append({"method": pop["name"], "epoch": budget, "mean": 100 * m, "std": 100 * s,
                                   "num_models": pop["num_models"]})
         for when, summary in pop["novelty"].items():
@@ -79,7 +72,7 @@ def noise_comparison(results: dict) -> list[dict]:
             ref = min(noise, key=lambda p: abs(dist(p) - dist(pop)))
             rows.append({"setting": setting, "method": pop["name"], "noise": ref["name"],
                          "novelty": dist(pop), "noise_novelty": dist(ref),
-                         "acc_diff": {str(b): 100 * (_stats(pop["test_acc"][str(b)])[0] - _stats(ref["test_acc"][str(b)])[0])
+                         "acc_diff": {str(b): 100 * (finite_mean_std(pop["test_acc"][str(b)])[0] - finite_mean_std(ref["test_acc"][str(b)])[0])
                                       for b in results["budgets"]}})
     return rows
 
