@@ -1,0 +1,321 @@
+"""Bad input, table-driven, through the real CLI.
+
+Every case runs ``raysys ...`` (``raysys.cli.main`` in-process, or a subprocess where the process
+itself matters) and must end with exit code 2 and ONE ``raysys: error:`` message that names the
+problem and the fix (checked by key words), no traceback, and nothing half-written: the case's
+output path is not created (or, when it already existed, is unchanged), no temporary files
+anywhere, and the shared input zoos and checkpoints are untouched.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from raysys import architectures, cli, datasets
+from raysys.population import train_population
+from raysys.store import ZooWriter, rows_table, splits_for
+from raysys.train import METRICS, ModelSpec
+
+REPO = Path(__file__).absolute().parents[1]
+N_MODELS, EPOCHS = 10, 3
+
+ZOO = {"name": "t", "dataset": {"name": "tetris"}, "arch": "tetris_ffn", "seeds": {"count": 2}, "epochs": 1,
+       "models_per_shard": 1}
+HYPERREP = {"model": {"d_model": 8, "heads": 2, "layers": 1, "ff": 16, "latent_dim": 4, "projection_dim": 8,
+                      "dropout": 0.0},
+            "train": {"epochs": 1, "batch_size": 8, "epoch_window": [2, 3], "device": "cpu"}}
+POPULATIONS = {"num_models": 4, "methods": ["S_KDE30", "B_T"], "transfer": None,
+               "finetune": {"budgets": [0, 1], "num_actors": 1}}
+SEARCH = {"base": HYPERREP, "space": {"d_model": {"type": "categorical", "choices": [8]}}, "num_samples": 1}
+
+
+# --- inputs: real zoos and a real checkpoint ----------------------------------------------------
+
+def _write_zoo(root: Path, arch: str, data, weights_per_epoch, metrics=None) -> Path:
+    layout = architectures.layout_of(arch, data.in_channels, data.num_classes)
+    n = weights_per_epoch[0].shape[0]
+    splits = splits_for(n, 0)
+    specs = [ModelSpec(model_id=i, seed=i, init="kaiming_uniform", lr=3e-2, batch_size=32) for i in range(n)]
+    hp = [s.hyperparameters() for s in specs]
+    m = metrics or {k: np.full(n, 0.5) for k in METRICS}
+    tables = [rows_table(layout.num_params, range(n), e, splits, w, m, hp) for e, w in enumerate(weights_per_epoch)]
+    writer = ZooWriter(root)
+    writer.write_manifest({"name": root.name, "arch": arch, "layout": layout.to_dict(), "dataset": data.describe(),
+                           "config": {}, "epochs": len(weights_per_epoch) - 1,
+                           "shards": [{"shard": 0, "model_ids": list(range(n))}]})
+    writer.write_shard(0, pa.concat_tables(tables), range(n))
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Inputs shared by every case: a trained tetris zoo, a checkpoint of it, and broken zoos."""
+    from raysys.hyperrep.train import train
+
+    root = tmp_path_factory.mktemp("inputs")
+    tetris = datasets.load("tetris")
+    specs = [ModelSpec(model_id=i, seed=i, init="kaiming_uniform", lr=3e-2, batch_size=32) for i in range(N_MODELS)]
+    states, metrics = [], []
+    train_population("tetris_ffn", specs, tetris, EPOCHS,
+                     lambda e, w, m: (states.append(w.numpy().copy()), metrics.append(m)))
+    zoo = _write_zoo(root / "zoo", "tetris_ffn", tetris, states, metrics[-1])
+    ckpt = root / "ckpt"
+    train(HYPERREP, zoo, ckpt, tracking_uri=f"sqlite:///{root / 'mlflow.db'}", progress=False)
+
+    digits = datasets.load("digits")
+    p = architectures.layout_of("cnn_s", digits.in_channels, digits.num_classes).num_params
+    rng = np.random.default_rng(0)
+    _write_zoo(root / "cnn_zoo", "cnn_s", digits, [rng.normal(0, 0.1, (6, p)).astype(np.float32)
+                                                   for _ in range(EPOCHS + 1)])
+    nan = [np.full_like(w, np.nan) for w in states]
+    _write_zoo(root / "diverged_zoo", "tetris_ffn", tetris, nan)
+    (root / "empty").mkdir()
+    (root / "a_file").write_text("not a directory\n")
+    return root
+
+
+def config_file(dirpath: Path, name: str, data) -> str:
+    path = dirpath / name
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Path, Path], list[str]]  # (inputs, case dir) -> argv; outputs go to case_dir/"out"
+    words: tuple[str, ...]  # must all appear (case-insensitive) in the message
+    subprocess: bool = False
+
+
+def zoo_gen(cfg: dict | str, *extra: str) -> Callable:
+    return lambda w, d: ["zoo", "generate", config_file(d, "zoo.yaml", cfg), "--out", str(d / "out"), "--no-progress",
+                         "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}", *extra]
+
+
+def hr_train(cfg: dict | str, zoo: str = "zoo", *extra: str) -> Callable:
+    return lambda w, d: ["hyperrep", "train", config_file(d, "hr.yaml", cfg), "--zoo", str(w / zoo),
+                         "--out", str(d / "out"), "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}", *extra]
+
+
+def pop_run(cfg: dict, zoo: str = "zoo") -> Callable:
+    return lambda w, d: ["populations", "run", config_file(d, "pop.yaml", cfg), "--zoo", str(w / zoo),
+                         "--checkpoint", str(w / "ckpt"), "--out", str(d / "out"),
+                         "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}"]
+
+
+def with_(base: dict, **sections) -> dict:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+CASES = [
+    # files and syntax
+    Case("malformed_yaml", zoo_gen("name: t\narch: [tetris_ffn\n"), ("not valid yaml", "line", "fix the syntax")),
+    Case("config_path_missing", lambda w, d: ["zoo", "generate", str(d / "nope.yaml"), "--out", str(d / "out")],
+         ("does not exist", "configs/")),
+    Case("hyperrep_config_path_missing", lambda w, d: ["hyperrep", "train", str(d / "nope.yaml"), "--zoo",
+                                                       str(w / "zoo"), "--out", str(d / "out")], ("does not exist",)),
+    Case("config_not_a_mapping", zoo_gen("- tetris\n- 3\n"), ("mapping", "key: value")),
+    Case("override_without_equals", zoo_gen(ZOO, "--set", "epochs"), ("no '='", "key=value")),
+    # unknown keys, one per config type
+    Case("unknown_key_zoo", zoo_gen({**ZOO, "epoch": 3}), ("unknown key 'epoch'", "did you mean 'epochs'")),
+    Case("unknown_key_zoo_nested", zoo_gen(with_(ZOO, grid={"lrs": [0.1]})), ("unknown key 'grid.lrs'", "'lr'")),
+    Case("unknown_key_hyperrep", hr_train(with_(HYPERREP, model={"dmodel": 8})), ("unknown key 'model.dmodel'", "d_model")),
+    Case("unknown_key_populations", pop_run({**POPULATIONS, "num_model": 4}), ("unknown key 'num_model'", "num_models")),
+    Case("unknown_key_search", lambda w, d: ["search", config_file(d, "s.yaml", {**SEARCH, "num_sample": 2}),
+                                             "--zoo", str(w / "zoo"), "--out", str(d / "out")],
+         ("unknown key 'num_sample'", "num_samples")),
+    Case("unknown_key_pipeline", lambda w, d: ["pipeline", config_file(d, "p.yaml", {
+        **yaml.safe_load((REPO / "configs/pipeline/tiny.yaml").read_text()), "evalute": True}), "--out", str(d / "out")],
+         ("unknown key 'evalute'", "evaluate")),
+    # wrong types
+    Case("wrong_type_zoo_epochs", zoo_gen({**ZOO, "epochs": "three"}), ("epochs", "integer")),
+    Case("wrong_type_hyperrep_lr", hr_train(with_(HYPERREP, train={"lr": "fast"})), ("train.lr", "number")),
+    Case("wrong_type_populations", pop_run({**POPULATIONS, "num_models": "many"}), ("num_models", "integer")),
+    # impossible values
+    Case("negative_lr_zoo", zoo_gen(with_(ZOO, grid={"lr": [-0.1]})), ("lr", "positive")),
+    Case("negative_lr_hyperrep", hr_train(with_(HYPERREP, train={"lr": -1e-3})), ("train.lr", "greater than 0")),
+    Case("zero_epochs_zoo", zoo_gen({**ZOO, "epochs": 0}), ("epochs", "greater than or equal to 1")),
+    Case("zero_epochs_hyperrep", hr_train(with_(HYPERREP, train={"epochs": 0})), ("train.epochs", "greater than 0")),
+    Case("dropout_above_one", zoo_gen(with_(ZOO, grid={"dropout": [1.5]})), ("dropout", "[0, 1)")),
+    Case("unknown_architecture", zoo_gen({**ZOO, "arch": "cnn_xl"}), ("arch", "tetris_ffn")),
+    Case("more_models_than_grid", zoo_gen(ZOO, "--models", "99"), ("models", "lower --models")),
+    Case("heads_not_dividing_d_model", hr_train(with_(HYPERREP, model={"d_model": 30, "heads": 4})),
+         ("heads", "must divide d_model")),
+    Case("latent_larger_than_model", hr_train(with_(HYPERREP, model={"latent_dim": 500})),
+         ("latent_dim", "500", "100", "parameters")),
+    Case("top_fraction_above_one", pop_run(with_(POPULATIONS, sampling={"top_fraction": 1.5})),
+         ("top_fraction", "less than or equal to 1")),
+    Case("negative_bandwidth", pop_run(with_(POPULATIONS, sampling={"bandwidth": -0.5})), ("bandwidth", "-0.5")),
+    Case("unknown_sampler_method", pop_run({**POPULATIONS, "methods": ["S_GAN"]}), ("unknown method 's_gan'", "s_kde")),
+    # wrong or broken data
+    Case("zoo_of_another_architecture", lambda w, d: ["hyperrep", "eval", "--checkpoint", str(w / "ckpt"),
+                                                      "--zoo", str(w / "cnn_zoo"), "--out", str(d / "out"),
+                                                      "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}"],
+         ("cnn_s", "tetris_ffn")),
+    Case("sample_with_another_architecture", lambda w, d: ["sample", config_file(d, "pop.yaml", POPULATIONS),
+                                                           "--zoo", str(w / "cnn_zoo"), "--checkpoint", str(w / "ckpt"),
+                                                           "--out", str(d / "out" / "pop.safetensors")],
+         ("cnn_s", "tetris_ffn")),
+    Case("empty_zoo_dir", hr_train(HYPERREP, "empty"), ("manifest.json is missing", "raysys zoo generate")),
+    Case("zoo_dir_missing", hr_train(HYPERREP, "no_such_zoo"), ("raysys zoo generate",)),
+    Case("zoo_all_diverged", hr_train(HYPERREP, "diverged_zoo"), ("diverged",)),
+    Case("nan_weights_into_autoencoder", lambda w, d: ["sample", config_file(d, "pop.yaml", POPULATIONS),
+                                                       "--zoo", str(w / "diverged_zoo"), "--checkpoint",
+                                                       str(w / "ckpt"), "--out", str(d / "out" / "pop.safetensors")],
+         ("diverged",)),
+    Case("zoo_info_not_a_zoo", lambda w, d: ["zoo", "info", str(w / "empty")], ("not a zoo", "raysys zoo generate")),
+    Case("zoo_verify_not_a_directory", lambda w, d: ["zoo", "verify", str(w / "a_file")], ("not a directory", "zoo directory")),
+    Case("dataset_root_missing", zoo_gen({**ZOO, "dataset": {"name": "mnist", "root": "/nonexistent/raysys-data"}}),
+         ("/nonexistent/raysys-data",)),
+    Case("weights_file_missing", lambda w, d: ["finetune", config_file(d, "pop.yaml", POPULATIONS), "--zoo", str(w / "zoo"),
+                                               "--weights", str(d / "pop.safetensors"), "--out", str(d / "out")],
+         ("does not exist", "raysys sample")),
+    Case("search_resume_nothing", lambda w, d: ["search", config_file(d, "s.yaml", SEARCH), "--zoo", str(w / "zoo"),
+                                                "--out", str(d / "out"), "--resume"], ("no search to resume", "without --resume")),
+    # places that are not there
+    Case("unreachable_ray", zoo_gen(ZOO, "--address", "127.0.0.1:{port}"), ("cannot reach the ray cluster", "--address"), True),
+    Case("unreachable_mlflow", lambda w, d: zoo_gen(ZOO)(w, d)[:-2] + ["--tracking-uri", "http://127.0.0.1:{port}"],
+         ("cannot reach the mlflow server", "--tracking-uri")),
+    Case("unreachable_mlflow_hyperrep", lambda w, d: hr_train(HYPERREP)(w, d)[:-2] + ["--tracking-uri",
+                                                                                     "http://127.0.0.1:{port}"],
+         ("cannot reach the mlflow server", "--tracking-uri")),
+    Case("mlflow_file_store", lambda w, d: zoo_gen(ZOO)(w, d)[:-2] + ["--tracking-uri", str(d / "mlruns")],
+         ("file store", "sqlite")),
+    Case("output_is_a_file", lambda w, d: [a if a != str(d / "out") else str(w / "a_file") for a in zoo_gen(ZOO)(w, d)],
+         ("is a file", "directory")),
+    Case("hyperrep_output_is_a_file", lambda w, d: [a if a != str(d / "out") else str(w / "a_file")
+                                                    for a in hr_train(HYPERREP)(w, d)], ("is a file", "directory")),
+]
+
+
+def snapshot(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run(argv: list[str], in_subprocess: bool, cwd: Path, capsys) -> tuple[object, str]:
+    if in_subprocess:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+        proc = subprocess.run([sys.executable, "-m", "raysys.cli", *argv], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=120)
+        return proc.returncode, proc.stdout + proc.stderr
+    try:
+        rc = cli.main(argv)
+    except BaseException:  # anything but a RaysysError escaping the CLI is itself the failure
+        captured = capsys.readouterr()
+        return "exception", captured.out + captured.err + traceback.format_exc()
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+def test_the_table_is_big_enough():
+    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_clear_error_and_writes_nothing(case, world, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a default ./mlflow.db or ./ray_results would land here, not in the repo
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    inputs_before = snapshot(world)
+    port = closed_port()
+    argv = [a.replace("{port}", str(port)) for a in case.argv(world, tmp_path)]
+    before = snapshot(tmp_path)
+
+    rc, text = run(argv, case.subprocess, tmp_path, capsys)
+
+    assert rc == 2, f"exit {rc!r}, expected 2:\n{text[-4000:]}"
+    assert "Traceback" not in text, text[-4000:]
+    assert text.count("raysys: error:") == 1, text[-4000:]
+    message = text[text.index("raysys: error:"):].lower()
+    for word in case.words:
+        assert word.lower() in message, f"{word!r} not in the message:\n{message}"
+    assert not (tmp_path / "out").exists(), f"{case.id} left {sorted(p.name for p in (tmp_path / 'out').rglob('*'))}"
+    after = snapshot(tmp_path)
+    new = {p for p in set(after) - set(before) if not p.startswith("mlflow.db")}
+    assert not new, f"{case.id} wrote {sorted(new)}"
+    assert not [p for p in tmp_path.rglob("*.tmp")] and not [p for p in world.rglob("*.tmp")]
+    assert snapshot(world) == inputs_before, "inputs were modified"
+
+
+# --- the pre-flight checks themselves (fast, no CLI) ------------------------------------------------
+
+def test_ray_address_check_accepts_listeners_and_refuses_the_rest():
+    from raysys.config import RaysysError
+    from raysys.integrity import check_ray_address
+
+    for fine in (None, "", "local", "auto"):
+        check_ray_address(fine)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        check_ray_address(f"127.0.0.1:{port}")
+        check_ray_address(f"ray://127.0.0.1:{port}")
+    with pytest.raises(RaysysError, match="cannot reach the Ray cluster.*ray start --head"):
+        check_ray_address(f"127.0.0.1:{closed_port()}")
+    with pytest.raises(RaysysError, match="not host:port"):
+        check_ray_address("my-cluster")
+
+
+def test_tracking_check_accepts_a_live_server_and_sqlite_in_an_existing_dir(tmp_path):
+    import http.server
+    import threading
+
+    from raysys.integrity import check_tracking_uri
+    from raysys.tracking import TrackingError
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501: alive
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        assert check_tracking_uri(uri) == uri
+    finally:
+        server.shutdown()
+    assert check_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}") == f"sqlite:///{tmp_path / 'm.db'}"
+    check_tracking_uri(f"sqlite:///{tmp_path / 'missing' / 'm.db'}")  # MLflow creates the folder
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(TrackingError, match="is a file, not a directory"):
+        check_tracking_uri(f"sqlite:///{tmp_path / 'f' / 'm.db'}")
+    with pytest.raises(TrackingError, match="is a directory"):
+        check_tracking_uri(f"sqlite:///{tmp_path}")
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "missing").exists()  # checking creates nothing
+
+
+def test_output_dir_check(tmp_path):
+    from raysys.config import RaysysError
+    from raysys.integrity import check_output_dir
+
+    assert check_output_dir(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(RaysysError, match="is a file"):
+        check_output_dir(tmp_path / "f")
+    with pytest.raises(RaysysError, match="cannot be created"):
+        check_output_dir(tmp_path / "f" / "sub")
