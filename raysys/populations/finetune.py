@@ -13,6 +13,7 @@ they have loaded, so a pool of k actors fine-tunes k populations at a time.
 from __future__ import annotations
 
 import inspect
+import uuid
 import warnings
 from dataclasses import dataclass, field
 
@@ -117,14 +118,13 @@ class FinetuneWorker:
 
 
 def run_jobs(jobs: list[Job], num_actors: int = 2, cpus_per_actor: float = 1.0, gpus_per_actor: float = 0.0,
-             progress: bool = True, on_result=None) -> list[dict]:
+             progress: bool = True, on_result=None, max_retries: int = 3) -> list[dict]:
     """Fine-tune every job on a pool of actors; results come back in job order.
 
     ``on_result(job, result)`` is called on the driver as each population finishes (for
     tracking). Ray must be initialized by the caller.
     """
     import ray
-    from ray.util import ActorPool
     from tqdm.auto import tqdm
 
     if not ray.is_initialized():
@@ -138,24 +138,52 @@ def run_jobs(jobs: list[Job], num_actors: int = 2, cpus_per_actor: float = 1.0, 
             warnings.warn(f"each fine-tuning actor asks for {want} {name}(s) but the Ray cluster has "
                           f"{have.get(name, 0)} right now; actors wait until an autoscaler adds nodes. On a fixed "
                           f"cluster or a laptop set finetune.{name.lower()}s_per_actor to at most that.", stacklevel=2)
+    # A crashed actor (OOM kill, lost node) is restarted by Ray and its call retried; one killed for
+    # good (ray.kill) is replaced here and its population requeued. Populations are deterministic, so a
+    # retry gives the same result, and each population's result is delivered exactly once.
     actor_cls = ray.remote(FinetuneWorker)
-    k = max(1, min(num_actors, len(jobs)))
-    actors = [actor_cls.options(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor).remote(max(1, int(cpus_per_actor)))
-              for _ in range(k)]
-    pool = ActorPool(actors)
-    for i, job in enumerate(jobs):
-        pool.submit(lambda a, v: a.run.remote(*v), (i, job))
+    options = dict(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=max_retries,
+                   max_task_retries=max_retries)
+    pool_id = uuid.uuid4().hex[:8]
+    made: list = []
+
+    def new_actor():
+        # named so an operator (or a test) can find and kill one: raysys-finetune-<pool>-<n>
+        name = f"raysys-finetune-{pool_id}-{len(made)}"
+        made.append(actor_cls.options(name=name, **options).remote(max(1, int(cpus_per_actor))))
+        return made[-1]
+
+    idle = [new_actor() for _ in range(max(1, min(num_actors, len(jobs))))]
+    queue, running = list(range(len(jobs))), {}
+    attempts = [0] * len(jobs)
     results: list[dict | None] = [None] * len(jobs)
     try:
         with tqdm(total=len(jobs), desc="fine-tuning populations", unit="pop", disable=not progress) as bar:
-            while pool.has_next():
-                i, out = pool.get_next_unordered()
+            while queue or running:
+                while queue and idle:
+                    i, actor = queue.pop(0), idle.pop()
+                    running[actor.run.remote(i, jobs[i])] = (actor, i)
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                actor, i = running.pop(ref)
+                try:
+                    _, out = ray.get(ref)
+                except ray.exceptions.RayActorError as err:
+                    ray.kill(actor)  # free its resources before its replacement asks for them
+                    attempts[i] += 1
+                    if attempts[i] > max_retries:
+                        raise RaysysError(f"fine-tuning population {jobs[i].key} lost its actor {attempts[i]} times "
+                                          f"(last: {str(err).splitlines()[0]}). Check the Ray workers' memory "
+                                          f"(ray status) and rerun.") from None
+                    idle.append(new_actor())
+                    queue.insert(0, i)
+                    continue
                 results[i] = out
                 if on_result is not None:
                     on_result(jobs[i], out)
                 bar.set_postfix_str(jobs[i].key)
                 bar.update()
+                idle.append(actor)
     finally:
-        for a in actors:
+        for a in made:
             ray.kill(a)
     return results
