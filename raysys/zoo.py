@@ -436,6 +436,11 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
     resuming = _check_resume(out_dir, config)
     data = datasets.load(config.dataset.name, config.dataset.root, **config.dataset.options)
     writer = ZooWriter(out_dir)
+    if resuming:  # a shard whose rows are wrong is redone even when its bytes match its record
+        from raysys.integrity import verify_zoo
+
+        for sid in verify_zoo(out_dir, checksums=False).bad_shards:
+            writer.shard_path(sid).with_suffix(".json").unlink(missing_ok=True)
     pending = [s for s in shards if not writer.is_complete(s.shard)]
 
     started_ray = False
