@@ -45,6 +45,9 @@ def ray_address(address: str | None) -> str:
 def connect(address: str) -> None:
     import ray
 
+    from raysys.integrity import check_ray_address
+
+    check_ray_address(address)
     ray.init(address=address, include_dashboard=False if address == "local" else None, configure_logging=False)
     print(f"raysys job: connected to Ray at {address}: {ray.cluster_resources()}", flush=True)
 

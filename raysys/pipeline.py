@@ -268,6 +268,9 @@ def ray_session(address: str | None):
         if ray.is_initialized():
             return
         where = address or os.environ.get("RAY_ADDRESS") or "local"
+        from raysys.integrity import check_ray_address
+
+        check_ray_address(where)
         ray.init(address=where, include_dashboard=False if where == "local" else None, configure_logging=False)
         started.append(where)
 

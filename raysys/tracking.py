@@ -6,6 +6,7 @@ every tracking URI is made absolute here before anything talks to MLflow.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,6 +15,7 @@ from raysys.config import RaysysError
 
 DEFAULT_DB = "mlflow.db"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+CREDENTIALS = re.compile(r"(://[^/\s:@]+):[^/\s@]+@")
 
 
 class TrackingError(RaysysError):
@@ -60,7 +62,8 @@ def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
         for i, v in enumerate(data):
             out.update(flatten_params(v, f"{prefix}.{i}"))
         return out
-    text = str(list(data) if isinstance(data, tuple) else data)
+    # A URI may carry a password (https://user:pw@host); params are readable by anyone with the UI.
+    text = CREDENTIALS.sub(r"\1:***@", str(list(data) if isinstance(data, tuple) else data))
     out[prefix or "value"] = text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS - 3] + "..."
     return out
 
@@ -74,7 +77,9 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
     """
     import mlflow
 
-    uri = resolve_tracking_uri(tracking_uri)
+    from raysys.integrity import check_tracking_uri
+
+    uri = check_tracking_uri(tracking_uri)  # resolves it too
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.set_experiment(experiment_id=experiment_id(uri, experiment))

@@ -34,8 +34,12 @@ def _ray_init(address: str | None):
     import ray
 
     if not ray.is_initialized():
+        from raysys.integrity import check_ray_address
+
         # On a laptop start a private local Ray; on a cluster pass --address auto (or set RAY_ADDRESS).
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        check_ray_address(address)
+        ray.init(address=address, include_dashboard=False)
     return ray
 
 
