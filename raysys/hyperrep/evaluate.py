@@ -30,6 +30,7 @@ from raysys import architectures, datasets
 from raysys.architectures import Layout
 from raysys.config import RaysysError
 from raysys.probes import LayerStatistics, ood_probes, probe_all, varying_targets
+from raysys.integrity import check_output_dir
 from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
 
 EVAL_BATCH = 1024
@@ -239,12 +240,12 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
     """
     from raysys.hyperrep.model import HyperRepresentation
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_output_dir(out_dir)
     hr = HyperRepresentation.load(checkpoint_dir)
     zoo = open_zoo(zoo_dir)
     layout = zoo.layout
     hr.check_layout(layout, f"zoo {zoo_dir}")
+    out.mkdir(parents=True, exist_ok=True)  # only once the inputs are known to fit: no empty output on error
 
     # 1. reconstruction of the test split
     epochs = list(epochs) if epochs else _trained_epochs(hr, zoo)

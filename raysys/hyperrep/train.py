@@ -26,6 +26,7 @@ from raysys.hyperrep.checkpoint import manifest_sha256
 from raysys.hyperrep.config import HyperRepConfig
 from raysys.hyperrep.losses import CONTRASTIVE, layer_statistics, r2_score, reconstruction_loss
 from raysys.hyperrep.model import HyperRepresentation
+from raysys.integrity import check_output_dir
 from raysys.store import atomic_write_json, open_zoo
 
 SPLITS = ("train", "val", "test")
@@ -90,7 +91,12 @@ def train(config: HyperRepConfig | dict, zoo_dir: str | Path, out_dir: str | Pat
 
 def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, report, experiment, progress) -> dict:
     tc = cfg.train
+    check_output_dir(out_dir)
     zoo = open_zoo(zoo_dir)
+    if cfg.model.latent_dim > zoo.num_params:
+        raise RaysysError(f"model.latent_dim {cfg.model.latent_dim} is larger than the {zoo.num_params} parameters of "
+                          f"the zoo's {zoo.layout.arch} models: the 'compression' would expand them. "
+                          f"Set model.latent_dim below {zoo.num_params} (e.g. --set model.latent_dim={max(1, zoo.num_params // 4)}).")
     data = load_window(zoo, tc.epoch_window)
     device = resolve_device(tc.device)
 

@@ -55,6 +55,14 @@ class SamplingConfig(Config):
     top_fraction: float = Field(0.3, gt=0, le=1)
     batch_size: int = Field(512, ge=1, description="latents decoded per autoencoder call")
 
+    @field_validator("bandwidth")
+    @classmethod
+    def _positive(cls, v):
+        # 0 would return copies of the training embeddings (the reference code's defect), < 0 is meaningless
+        if not isinstance(v, str) and not v > 0:
+            raise ValueError(f"sampling.bandwidth must be > 0 (latent units) or 'scott'/'silverman', got {v}")
+        return v
+
 
 class FinetuneConfig(Config):
     budgets: list[int] = [0, 1, 5, 25]
