@@ -1,6 +1,6 @@
 """Job: train (and evaluate) a hyper-representation autoencoder on a zoo, on a GPU node if asked.
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+    RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/hyperrep.py --config configs/hyperrep/digits.yaml \
         --zoo /mnt/shared/zoos/digits --out /mnt/shared/hyperrep/digits --gpus 1
 """

@@ -1,6 +1,6 @@
 """Job: the whole pipeline (zoo -> hyper-representation -> populations -> report) on a Ray cluster.
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+    RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/pipeline.py --config configs/pipeline/demo.yaml --out /mnt/shared/runs/demo
 
 Rerunning with the same --out skips the stages whose outputs match the config.

@@ -1,6 +1,6 @@
 """Job: sample populations from a hyper-representation, fine-tune them on Ray actors, write the report.
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+    RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/populations.py --config configs/populations/digits.yaml --zoo /mnt/shared/zoos/digits \
         --checkpoint /mnt/shared/hyperrep/digits --out /mnt/shared/populations/digits
 """

@@ -1,6 +1,6 @@
 """Job: hyper-representation search (Ray Tune + Optuna) on the cluster.
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+    RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/search.py configs/search/digits.yaml --zoo /mnt/shared/zoos/digits --out /mnt/shared/search/digits
 
 Arguments are those of `raysys search` (see `raysys search --help`); this script only connects to

@@ -1,6 +1,6 @@
 """Job: generate (or resume) a model zoo on the cluster's Ray Train workers.
 
-    ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
+    RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/zoo.py --config configs/zoo/digits_seed.yaml --out /mnt/shared/zoos/digits
 """
 import _common
