@@ -366,7 +366,8 @@ def _manifest(config: ZooConfig, data, shards: list[Shard], splits: list[str], s
         "num_params": layout.num_params,
         "layout": layout.to_dict(),
         "dataset": data.describe(),
-        "config": config.model_dump(mode="json"),
+        # The tracking URI may carry a password, and it is a run-only setting anyway (RUN_ONLY_KEYS).
+        "config": config.model_dump(mode="json", exclude={"mlflow": {"tracking_uri"}}),
         "split_seed": config.split_seed,
         "split_counts": {s: splits.count(s) for s in ("train", "val", "test")},
         "splits": splits,
