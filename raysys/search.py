@@ -47,7 +47,7 @@ from pydantic import Field, model_validator
 
 from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
 from raysys.hyperrep.config import HyperRepConfig
-from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
+from raysys.store import atomic_write_bytes, atomic_write_json, jsonable, open_zoo
 
 # --- the search space -------------------------------------------------------------------------
 
@@ -822,7 +822,7 @@ def summarize(search: SearchConfig, base: HyperRepConfig, space: DefineByRun, ou
     importances = param_importances(finished, search, space)
     summary["importances"] = importances
     plot_search(frame, search, importances, front_rows if len(front) else None, out / "search.png")
-    atomic_write_json(out / "summary.json", _jsonable(summary))
+    atomic_write_json(out / "summary.json", jsonable(summary))
     return summary
 
 
@@ -931,16 +931,6 @@ def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    return _plain(obj)
 
 
 # --- CLI --------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from raysys.architectures import Layout
 from raysys.config import RaysysError
 from raysys.probes import LayerStatistics, ood_probes, probe_all, varying_targets
 from raysys.integrity import check_output_dir
-from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
+from raysys.store import atomic_write_bytes, atomic_write_json, jsonable, open_zoo
 
 EVAL_BATCH = 1024
 NEAR_CHANCE = 0.05  # a model is "near chance" when its accuracy is below 1/num_classes + 5 points
@@ -308,9 +308,9 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
     per_model = f_test[["model_id", "epoch", "activation", "test_acc"]].rename(columns={"test_acc": "stored_test_acc"})
     per_model = per_model.assign(original_test_acc=acc_orig, decoded_test_acc=acc_dec)
     atomic_write_bytes(out / "accuracy.csv", per_model.to_csv(index=False).encode())
-    atomic_write_json(out / "eval.json", _jsonable(result))  # results survive an unreachable tracking server
+    atomic_write_json(out / "eval.json", jsonable(result))  # results survive an unreachable tracking server
     result["mlflow_run_id"] = _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out, figures)
-    atomic_write_json(out / "eval.json", _jsonable(result))
+    atomic_write_json(out / "eval.json", jsonable(result))
     return result
 
 
@@ -322,18 +322,6 @@ def _probe_summary(table: pd.DataFrame) -> dict:
             key = metric if evaluation == "in_distribution" else f"ood_{metric}"
             summary[key] = {t: dict(zip(g["features"], g["value"])) for t, g in group.groupby("target")}
     return summary
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _metric_name(*parts) -> str:
@@ -375,7 +363,7 @@ def _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out: Path, fi
                              params=[Param(k, v) for k, v in params.items()] if i == 0 else [])
         for path in [out / "probes.csv", out / "accuracy.csv", *figures.values()]:
             client.log_artifact(rid, str(path))
-        client.log_dict(rid, _jsonable(result), "eval.json")
+        client.log_dict(rid, jsonable(result), "eval.json")
     except BaseException:
         client.set_terminated(rid, "FAILED")
         raise
