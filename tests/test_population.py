@@ -94,6 +94,34 @@ def test_cnn_s_population_matches_train_one(small_digits, optimizer, activation,
     assert torch.cdist(final, final).fill_diagonal_(1.0).min() > 0
 
 
+def test_sliced_first_layer_matches_train_one(small_digits, monkeypatch):
+    """The cache-sized slices of the fused conv+pool (training) and of evaluation's first layer,
+    forced down to 3 images so a batch of 10 is cut into 3+3+3+1: still train_one's numbers."""
+    from raysys import population
+    per_image = 3 * 8 * 24 * 24  # 3 models x 8 channels x 24 x 24 conv outputs
+    monkeypatch.setitem(population.TRAIN_SLICE_FLOATS, "cpu", 3 * per_image)
+    monkeypatch.setitem(population.EVAL_SLICE_FLOATS, "cpu", 3 * per_image)
+    specs = _specs(3, "adam", "tanh", 0.25)
+    ref = _one_at_a_time("cnn_s", specs, small_digits, EPOCHS)
+    got, _ = _together("cnn_s", specs, small_digits, EPOCHS)
+    _assert_same(ref, got)
+
+
+def test_tanh_kernel_matches_torch_tanh():
+    from raysys.population import _tanh
+    x = torch.cat([torch.randn(10_000) * 4, torch.tensor([0.0, 1e-8, -1e-5, 30.0, -30.0, 1e4, -1e4])])
+    x.requires_grad_(True)
+    y = _tanh(x)
+    torch.testing.assert_close(y, torch.tanh(x), atol=3e-7, rtol=0)
+    g = torch.randn_like(x)
+    got, = torch.autograd.grad(y, x, g)
+    want, = torch.autograd.grad(torch.tanh(x), x, g)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with torch.no_grad():  # the evaluation path, no autograd node
+        torch.testing.assert_close(_tanh(x), torch.tanh(x), atol=3e-7, rtol=0)
+    assert torch.isnan(_tanh(torch.tensor([float("nan")]))).all()
+
+
 def test_tetris_ffn_population_matches_train_one():
     data = datasets.load("tetris", copies=4)
     specs = _specs(5, "sgd", "sigmoid", 0.1, inits=["uniform", "normal", "kaiming_uniform"], lrs=[0.1, 0.03])
