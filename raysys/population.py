@@ -66,6 +66,8 @@ EVAL_CHUNK_FLOATS = {"cpu": 2 << 20, "cuda": 512 << 20}
 # stays in a core's L2 through pooling and the weight gradient. On a GPU one slice is fastest.
 TRAIN_SLICE_FLOATS = {"cpu": 256 << 10, "cuda": 1 << 40}
 EVAL_SLICE_FLOATS = {"cpu": 256 << 10, "cuda": 1 << 40}
+# ... and the pooled output of one evaluation chunk (the input of the rest of the chain).
+EVAL_POOLED_CHUNK_FLOATS = {"cpu": 512 << 10, "cuda": 128 << 20}
 
 
 class PopulationError(RaysysError):
@@ -365,10 +367,11 @@ class _ChainPopulation:
         per_image = self.layout.tensor(f"{self.first}.weight").shape[0] * n
         if self.first_kernel is not None:
             per_image *= (x0.shape[2] - self.first_kernel[0] + 1) * (x0.shape[3] - self.first_kernel[1] + 1)
-        budget = EVAL_CHUNK_FLOATS.get(self.device.type, 24 << 20)
-        if self.pooled_first:  # the first layer's output is pooled slice by slice, so a chunk holds a quarter of it
-            budget *= 4
-        chunk = max(1, min(EVAL_BATCH, budget // per_image))
+        if self.pooled_first:  # the first layer's output is pooled slice by slice: a chunk holds a quarter of it
+            first = self._pooled_first_layer(params, per_image)
+            chunk = max(1, min(EVAL_BATCH, EVAL_POOLED_CHUNK_FLOATS.get(self.device.type, 1 << 40) // (per_image // 4)))
+        else:
+            chunk = max(1, min(EVAL_BATCH, EVAL_CHUNK_FLOATS.get(self.device.type, 24 << 20) // per_image))
         out = {}
         for split in ("train", "val", "test"):
             x, y = self.images[split], self.labels[split]
@@ -377,7 +380,7 @@ class _ChainPopulation:
             for i in range(0, len(x), chunk):
                 xs, ys = x[i:i + chunk], y[i:i + chunk]
                 if self.pooled_first:
-                    logits = self._forward(params, self._pooled_first_layer(params, xs, per_image), None, self.first_index + 2)
+                    logits = self._forward(params, first(xs), None, self.first_index + 2)
                 else:
                     rows = xs.reshape(len(xs), -1) if self.first_kernel is None else self._conv_rows(xs)
                     logits = self._forward(params, self._first_layer(params, rows, True), None, self.first_index + 1)
@@ -390,12 +393,31 @@ class _ChainPopulation:
         out["ggap"] = out["train_acc"] - out["test_acc"]
         return out
 
-    def _pooled_first_layer(self, params, images: torch.Tensor, per_image: int) -> torch.Tensor:
-        """Evaluation's first conv + max-pool for images every model sees, a few images at a time,
-        so each slice's GEMM output is still in cache when it is pooled."""
+    def _pooled_first_layer(self, params, per_image: int):
+        """Evaluation's first conv + max-pool for images every model sees: returns images -> pooled
+        [M, N*O, Ho/2, Wo/2]. The GEMM runs a few images at a time into one reused buffer, so each
+        slice's output is still in cache when it is pooled, and no large tensor is allocated."""
+        w, b = params[f"{self.first}.weight"], params.get(f"{self.first}.bias")
+        n, o = w.shape[:2]
+        w = w.reshape(n, o, -1)
+        if b is not None:
+            w = torch.cat([w, b[:, :, None]], dim=2)  # matches the rows' column of ones
+        w = w.reshape(n * o, -1).t().contiguous()  # [K (+1), N*O]
         step = max(1, EVAL_SLICE_FLOATS.get(self.device.type, 1 << 40) // per_image)
-        return torch.cat([F.max_pool2d(self._first_layer(params, self._conv_rows(images[i:i + step]), True), 2)
-                          for i in range(0, len(images), step)])
+        x0 = self.images["train"]
+        ho, wo = x0.shape[2] - self.first_kernel[0] + 1, x0.shape[3] - self.first_kernel[1] + 1
+        buffer = torch.empty(step * ho * wo, n * o, device=self.device)
+
+        def first(images: torch.Tensor) -> torch.Tensor:
+            rows = self._conv_rows(images)
+            pooled = torch.empty((len(images), n * o, ho // 2, wo // 2), device=self.device,
+                                 memory_format=torch.channels_last)
+            for i in range(0, len(images), step):
+                r = rows[i:i + step]
+                y = torch.mm(r.reshape(-1, r.shape[2]), w, out=buffer[:r.shape[0] * ho * wo])
+                pooled[i:i + step] = F.max_pool2d(y.view(r.shape[0], ho, wo, n * o).permute(0, 3, 1, 2), 2)
+            return pooled
+        return first
 
     def fit(self, epochs: int, on_epoch: EpochCallback | None) -> torch.Tensor:
         def report(epoch):
