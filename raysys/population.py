@@ -206,7 +206,14 @@ class _ChainPopulation:
         self.gens = [make_generators(s.seed) for s in specs]
         self.m = torch.zeros_like(self.weights)
         self.v = torch.zeros_like(self.weights)
+        self.adam_scratch = torch.empty_like(self.weights)
+        self.has_wd = bool((self.wd != 0).any())
         self.step_count = 0
+        # Each tensor's view of the flat weights is its own autograd leaf, made once: Adam updates
+        # the flat tensor in place, and gradients come back per tensor, joined by one cat (rather
+        # than autograd zero-filling an [N, P] buffer per tensor to add it in).
+        self.leaves = {name: t.requires_grad_(True) for name, t in architectures.split_vector(self.weights, layout).items()}
+        assert all(t.untyped_storage().data_ptr() == self.weights.untyped_storage().data_ptr() for t in self.leaves.values())
 
         self.images = {s: data.split(s)[0].to(device) for s in ("train", "val", "test")}
         self.labels = {s: data.split(s)[1].to(device) for s in ("train", "val", "test")}
@@ -328,10 +335,7 @@ class _ChainPopulation:
         return masks
 
     def _step(self, idx: torch.Tensor) -> None:
-        w = self.weights
-        # Each tensor's view is its own leaf: gradients then come back per tensor and are joined
-        # by one cat, instead of autograd zero-filling a [N, P] buffer per tensor to add it in.
-        params = {name: t.detach().requires_grad_(True) for name, t in architectures.split_vector(w, self.layout).items()}
+        params = self.leaves
         start = self.first_index + (2 if self.pooled_first else 1)
         logits = self._forward(params, self._first_layer(params, self._train_inputs(idx), False), self._masks(idx.shape[1]), start)
         n, b, k = logits.shape
@@ -341,11 +345,12 @@ class _ChainPopulation:
         loss = F.cross_entropy(logits.reshape(n * b, k), y.reshape(-1), reduction="sum") / b
         grads = torch.autograd.grad(loss, list(params.values()))
         with torch.no_grad():
-            self._update(w, architectures.join_tensors(dict(zip(params, grads)), self.layout))
+            self._update(self.weights, architectures.join_tensors(dict(zip(params, grads)), self.layout))
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor) -> None:
         """torch.optim.Adam / SGD (L2 weight decay added to the gradient), per-model lr and wd."""
-        grad = grad + self.wd * p
+        if self.has_wd:
+            grad.addcmul_(self.wd, p)  # grad is this step's own tensor
         self.step_count += 1
         if self.optimizer == "sgd":
             p.addcmul_(self.lr, grad, value=-1.0)
@@ -355,8 +360,9 @@ class _ChainPopulation:
         self.v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         bias1 = 1 - beta1 ** self.step_count
         bias2_sqrt = math.sqrt(1 - beta2 ** self.step_count)
-        denom = (self.v.sqrt() / bias2_sqrt).add_(ADAM_EPS)
-        p.addcmul_(self.lr / bias1, self.m / denom, value=-1.0)
+        step = torch.sqrt(self.v, out=self.adam_scratch).div_(bias2_sqrt).add_(ADAM_EPS)  # denominator
+        torch.div(self.m, step, out=step)
+        p.addcmul_(self.lr, step, value=-1.0 / bias1)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, np.ndarray]:
