@@ -1,0 +1,28 @@
+"""The benchmarks run, through their README commands (smoke runs of a few seconds). Their numbers
+are not asserted: speed lives in the benchmarks' own side-by-side reports, never in timed tests."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_zoo_throughput_smoke(tmp_path):
+    out = tmp_path / "tp.json"
+    subprocess.run([sys.executable, "benchmarks/zoo_throughput.py", "--quick", "--models", "2", "--procs", "1",
+                    "--json", str(out)], cwd=ROOT, check=True, timeout=240)
+    result = json.loads(out.read_text())
+    (rep,) = result["repeats"]
+    for side in ("loop", "population"):
+        assert rep[side]["model_epochs"] == 2 and rep[side]["wall_s"] > 0 and rep[side]["cpu_s"] > 0
+    assert result["speedup"] == rep["speedup"] > 0
+
+
+def test_hyperrep_throughput_smoke():
+    run = subprocess.run([sys.executable, "benchmarks/hyperrep_throughput.py", "--config", "configs/hyperrep/digits.yaml",
+                          "--steps", "1", "--threads", "1"], cwd=ROOT, check=True, timeout=240, capture_output=True, text=True)
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["num_params"] == 2464 and result["steps"] == 1 and result["samples_per_s"] > 0
