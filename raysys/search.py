@@ -450,14 +450,16 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
     ``config`` is what :class:`DefineByRun` returned (plus Optuna's raw parameter names, ignored).
     The trial's MLflow child run is hyperrep.train's own run: created here under the search's
     parent and handed to train through ``MLFLOW_RUN_ID``, so it holds the full autoencoder params,
-    learning curves and checkpoint, plus the objectives logged below.
+    learning curves and checkpoint, plus the objectives logged below. A trial restored by Tune
+    (``Tuner.restore``) continues from its last checkpoint: ``train(..., resume=True)`` picks up the
+    resume state in it, so the same MLflow run gets each epoch once.
     """
     import mlflow
     import ray.tune
     import torch
 
     from raysys.hyperrep.model import HyperRepresentation
-    from raysys.hyperrep.train import train
+    from raysys.hyperrep.train import last_logged_step, train
 
     search = SearchConfig.model_validate(search)
     torch.set_num_threads(max(1, int(search.resources.cpu)))
@@ -471,16 +473,23 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
 
     work = Path(tempfile.mkdtemp(prefix="raysys-search-")) / f"trial-{trial_id}"
     try:
-        restored = ray.tune.get_checkpoint()
+        restored, state = ray.tune.get_checkpoint(), None
         if restored is not None:
             with restored.as_directory() as d:
                 state = json.loads((Path(d) / STATE).read_text())
                 if state.get("completed"):  # interrupted after training ended: report the result again
                     ray.tune.report(state["result"], checkpoint=restored)
                     return
-        # hyperrep.train has no resume: an interrupted trial trains again from epoch 0.
+                # Cut off mid-training: the checkpoint holds train's resume state (written before every
+                # report), so training continues after the checkpoint's epoch instead of from epoch 1.
+                shutil.copytree(d, work, dirs_exist_ok=True)
 
-        last = {"ckpt_epoch": None, "values": {}, "result": None}
+        last = {"ckpt_epoch": None, "values": {}, "result": None if state is None else state["result"]}
+        # Tune registers a trial's checkpoint a moment after its result, so an interruption in between
+        # restores an epoch older than the last one reported; train redoes the epochs after it (to the
+        # same state, on the CPU). Those were reported and logged already (train logs val_rec to the
+        # trial's run before each report): not again.
+        seen = 0 if restored is None else last_logged_step(tracking["tracking_uri"], run_id, "val_rec")
 
         def evaluate(epoch: int) -> dict:
             if not (work / "config.json").exists():  # no checkpoint yet (validation loss never finite)
@@ -493,6 +502,9 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
         def report(epoch: int, metrics: dict) -> None:
             result = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             result.update(epoch=epoch, completed=0)
+            if epoch <= seen:
+                last["result"] = result
+                return
             if epoch % search.eval_every == 0 or epoch == hyperrep.train.epochs:
                 values = evaluate(epoch)
                 result.update(values)
@@ -503,7 +515,7 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
         os.environ["MLFLOW_RUN_ID"] = run_id  # train's start_run resumes this run (and clears the variable)
         try:
             train(hyperrep, zoo_dir, work, tracking_uri=tracking["tracking_uri"],
-                  experiment=tracking["experiment"], report=report, progress=False)
+                  experiment=tracking["experiment"], report=report, progress=False, resume=restored is not None)
         finally:
             os.environ.pop("MLFLOW_RUN_ID", None)
         final = dict(last["result"], completed=1)
@@ -815,6 +827,7 @@ def summarize(search: SearchConfig, base: HyperRepConfig, space: DefineByRun, ou
             target = out / "best_model"
             shutil.rmtree(target, ignore_errors=True)
             best_trial.checkpoint.to_directory(str(target))
+            shutil.rmtree(target / "resume", ignore_errors=True)  # a trial stopped by ASHA keeps train's resume state
         summary.update(best={"trial_id": best["trial_id"], "params": params,
                              **{m: float(best[m]) for m in search.metrics}},
                        pareto=[{"trial_id": r["trial_id"], **{m: float(r[m]) for m in search.metrics}}

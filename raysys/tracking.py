@@ -70,9 +70,11 @@ def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
 
 @contextmanager
 def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = None,
-              tags: dict[str, str] | None = None, params: dict | None = None) -> Iterator["mlflow.ActiveRun"]:
+              tags: dict[str, str] | None = None, params: dict | None = None,
+              run_id: str | None = None) -> Iterator["mlflow.ActiveRun"]:
     """An MLflow run in experiment ``experiment`` (created if missing), params flattened from ``params``.
 
+    ``run_id`` continues that existing run (as ``$MLFLOW_RUN_ID`` does) instead of starting one.
     The run ends FAILED if the block raises, KILLED on Ctrl-C, FINISHED otherwise.
     """
     import mlflow
@@ -86,7 +88,7 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
     except Exception as err:  # an unreachable server or a locked/corrupt db: say where and how to fix
         raise TrackingError(f"cannot open MLflow experiment '{experiment}' at {uri}: {err}. "
                             f"Check --tracking-uri (or mlflow.tracking_uri in the config).") from None
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags) as run:
         if params:
             flat = flatten_params(params)
             items = list(flat.items())

@@ -315,3 +315,141 @@ def test_training_refuses_missing_epochs(tiny_zoo, tmp_path):
 
     with pytest.raises(RaysysError, match="epoch_window"):
         train(validate(HyperRepConfig, TINY), tiny_zoo, tmp_path / "ck", progress=False)
+
+
+# --- resume --------------------------------------------------------------------------------------
+
+class Cut(Exception):
+    pass
+
+
+def _cut_at(k: int, seen: list):
+    def report(epoch, metrics):
+        seen.append(epoch)
+        if epoch == k:
+            raise Cut(f"interrupted after epoch {k}")
+    return report
+
+
+def _resume_config(schedule: str) -> HyperRepConfig:
+    # Dropout, permutation, erasing and noise all on: every random stream must survive the resume.
+    return validate(HyperRepConfig, {
+        "model": {**TINY["model"], "dropout": 0.1},
+        "augment": {"permute": True, "erase_p": 0.5, "noise_std": 0.01},
+        "train": {"epochs": 6, "batch_size": 8, "lr": 3e-3, "epoch_window": [2, 4], "patience": 50,
+                  "schedule": schedule, "threads": 1, "seed": 3}})
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "plateau"])
+def test_interrupted_then_resumed_training_equals_an_uninterrupted_one(tiny_zoo, tmp_path, mlflow_uri, schedule):
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from raysys.hyperrep.train import train
+
+    cfg = _resume_config(schedule)
+    whole = train(cfg, tiny_zoo, tmp_path / "whole", tracking_uri=mlflow_uri, progress=False)
+
+    seen = []
+    with pytest.raises(Cut):
+        train(cfg, tiny_zoo, tmp_path / "cut", tracking_uri=mlflow_uri, report=_cut_at(3, seen), progress=False)
+    assert seen == [1, 2, 3] and (tmp_path / "cut" / "resume" / "state.pt").exists()
+    resumed = train(cfg, tiny_zoo, tmp_path / "cut", tracking_uri=mlflow_uri, resume=True,
+                    report=lambda e, m: seen.append(e), progress=False)
+    assert seen == [1, 2, 3, 4, 5, 6]  # continued after epoch 3, nothing run twice
+
+    history = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert history == json.loads((tmp_path / "whole" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    torch.testing.assert_close(load_file(tmp_path / "cut" / "model.safetensors"),
+                               load_file(tmp_path / "whole" / "model.safetensors"), rtol=0, atol=0)
+    for key in ("best_epoch", "epochs_run", "val_rec", "test_r2"):
+        assert resumed[key] == whole[key], key
+    assert not (tmp_path / "cut" / "resume").exists()  # a finished training leaves nothing to resume
+
+    # One MLflow run for the interrupted + resumed training, every epoch logged once.
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(resumed["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["raysys.resumed_after_epoch"] == "3"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_rec")) == list(range(1, 7))
+    assert run.data.params["model.dropout"] == "0.1"
+
+
+def test_resume_with_nothing_to_resume_starts_fresh_and_refuses_another_config_or_zoo(tiny_zoo, tmp_path, mlflow_uri,
+                                                                                        capsys):
+    import shutil
+
+    from raysys.cli import main
+    from raysys.hyperrep.train import train
+
+    cfg = _resume_config("cosine").model_copy(deep=True)
+    cfg.train.epochs = 3
+    fresh = train(cfg, tiny_zoo, tmp_path / "fresh", tracking_uri=mlflow_uri, resume=True, progress=False)
+    assert fresh["epochs_run"] == 3
+
+    with pytest.raises(Cut):
+        train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, report=_cut_at(1, []), progress=False)
+    other = cfg.model_copy(deep=True)
+    other.train.lr = 1e-2
+    with pytest.raises(RaysysError, match=r"different config \(train.lr: 0.003 -> 0.01\).*new --out.*drop --resume"):
+        train(other, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, resume=True, progress=False)
+    moved = tmp_path / "zoo2"
+    shutil.copytree(tiny_zoo, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps({**manifest, "config": {"note": "another zoo"}}))
+    with pytest.raises(RaysysError, match="different zoo.*drop --resume"):
+        train(cfg, moved, tmp_path / "ck", tracking_uri=mlflow_uri, resume=True, progress=False)
+    threads = cfg.model_copy(deep=True)
+    threads.train.threads = 2  # a speed knob, not a different training: allowed
+
+    # The CLI resumes too (the same config through a YAML file, another thread count). Against a
+    # tracking store without the interrupted run, the resumed epochs go to a new run, with a warning.
+    import yaml
+    from mlflow import MlflowClient
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(threads.model_dump(mode="json")))
+    other_uri = f"sqlite:///{tmp_path / 'other.db'}"
+    assert main(["hyperrep", "train", str(path), "--zoo", str(tiny_zoo), "--out", str(tmp_path / "ck"),
+                 "--tracking-uri", other_uri, "--resume"]) == 0
+    assert "the resumed epochs go to a new run" in capsys.readouterr().err
+    history = json.loads((tmp_path / "ck" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3] and not (tmp_path / "ck" / "resume").exists()
+    run_id = json.loads((tmp_path / "ck" / "config.json").read_text())["mlflow_run_id"]
+    assert [m.step for m in MlflowClient(other_uri).get_metric_history(run_id, "val_rec")] == [2, 3]
+
+
+def test_resume_from_an_older_state_redoes_epochs_without_logging_them_twice(tiny_zoo, tmp_path, mlflow_uri):
+    """A Tune trial restores its last *registered* checkpoint, which can be older than its last
+    report: the epochs after it are redone, to the same result, and not logged to MLflow again."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from raysys.hyperrep.train import train
+
+    cfg = _resume_config("cosine").model_copy(deep=True)
+    cfg.train.epochs = 4
+    whole = train(cfg, tiny_zoo, tmp_path / "whole", tracking_uri=mlflow_uri, progress=False)
+    state = tmp_path / "ck" / "resume" / "state.pt"
+
+    def report(epoch, metrics):
+        if epoch == 2:
+            shutil.copy(state, tmp_path / "epoch2.pt")
+        if epoch == 3:
+            raise Cut("after epoch 3")
+
+    with pytest.raises(Cut):
+        train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, report=report, progress=False)
+    shutil.copy(tmp_path / "epoch2.pt", state)  # the registered checkpoint was epoch 2's
+    redone = []
+    resumed = train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, resume=True,
+                    report=lambda e, m: redone.append(e), progress=False)
+    assert redone == [3, 4]
+    assert json.loads((tmp_path / "ck" / "history.json").read_text()) == \
+        json.loads((tmp_path / "whole" / "history.json").read_text())
+    client = MlflowClient(mlflow_uri)
+    values = {m.step: m.value for m in client.get_metric_history(whole["mlflow_run_id"], "train_loss")}
+    history = client.get_metric_history(resumed["mlflow_run_id"], "train_loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4]
+    assert {m.step: m.value for m in history} == values

@@ -183,16 +183,42 @@ def make_zoo(root: Path, n: int = 12, epochs: int = 2) -> Path:
     return root
 
 
-def _interrupt_after_first_trial(out: Path, stop: threading.Event) -> None:
-    """Send ourselves SIGUSR1 (Tune's Ctrl-C) once a trial has finished: a real interruption."""
+def _reported_epochs(out: Path) -> dict[str, list[tuple[int, int]]]:
+    """{trial_id: [(epoch, completed), ...]} in the order the trial reported them (Tune's result.json)."""
+    reported = {}
+    for path in (out / "tune" / "search").glob("trial_*/result.json"):
+        rows = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # a line being written right now
+                break
+            rows.append((int(row["epoch"]), int(row["completed"])))
+        reported[path.parent.name[len("trial_"):]] = rows
+    return reported
+
+
+def _cut_off(out: Path, epochs: int) -> dict[str, int]:
+    """{trial_id: last reported epoch} of the trials part-way through training."""
+    return {t: rows[-1][0] for t, rows in _reported_epochs(out).items()
+            if rows and not rows[-1][1] and rows[-1][0] < epochs}
+
+
+def _interrupt_mid_trial(out: Path, epochs: int, stop: threading.Event) -> None:
+    """Send ourselves SIGUSR1 (Tune's Ctrl-C) once a trial has finished and another has reported at
+    most half of its epochs (Tune takes a moment to stop): a real interruption mid-training."""
     while not stop.is_set():
         try:
-            if json.loads((out / "progress.json").read_text())["done"] >= 1:
+            early = [e for e in _cut_off(out, epochs).values() if e <= epochs // 2]
+            if json.loads((out / "progress.json").read_text())["done"] >= 1 and early:
                 os.kill(os.getpid(), signal.SIGUSR1)
                 return
         except (OSError, ValueError, KeyError):
             pass
-        time.sleep(0.2)
+        time.sleep(0.05)
+
+
+EPOCHS = 6  # long enough for the interruption to catch a trial part-way through training
 
 
 def test_search_interrupted_and_resumed_keeps_every_trial(tmp_path, ray_local, mlflow_uri):
@@ -205,10 +231,10 @@ def test_search_interrupted_and_resumed_keeps_every_trial(tmp_path, ray_local, m
                                "beta": {"type": "float", "low": 0.5, "high": 1.0},
                                "bandwidth": {"type": "float", "low": 0.0, "high": 0.2}},
                         objectives=["recon_r2", "sample_acc"], num_samples=3, max_concurrent=2,
-                        sampler={"num_models": 4})
+                        sampler={"num_models": 4}, base={**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": EPOCHS}})
 
     stop = threading.Event()
-    watcher = threading.Thread(target=_interrupt_after_first_trial, args=(out, stop), daemon=True)
+    watcher = threading.Thread(target=_interrupt_mid_trial, args=(out, EPOCHS, stop), daemon=True)
     watcher.start()
     try:
         first = run_search(cfg, zoo, out, tracking_uri=mlflow_uri)
@@ -217,6 +243,8 @@ def test_search_interrupted_and_resumed_keeps_every_trial(tmp_path, ray_local, m
     assert first["interrupted"], first["status"]
     finished_first = {t["trial_id"] for t in _rows(out) if t["status"] == "completed"}
     assert finished_first
+    cut = _cut_off(out, EPOCHS)  # trials the interruption caught part-way, and their last reported epoch
+    assert cut, _reported_epochs(out)
 
     with pytest.raises(RaysysError, match="already holds a search"):
         run_search(cfg, zoo, out, tracking_uri=mlflow_uri)
@@ -238,11 +266,19 @@ def test_search_interrupted_and_resumed_keeps_every_trial(tmp_path, ray_local, m
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == state["parent_run_id"]]
     assert sorted(r.data.tags["raysys_trial_id"] for r in children) == sorted(r["trial_id"] for r in rows)
     assert all(r.info.status == "FINISHED" for r in children)
-    # A trial cut off mid-run restarts from epoch 1 (hyperrep.train has no resume), so read the
-    # learning curve of one that finished before the interruption.
-    done_first = next(r for r in children if r.data.tags["raysys_trial_id"] in finished_first)
-    curve = client.get_metric_history(done_first.info.run_id, "val_recon_r2")
-    assert [m.step for m in curve][:2] == [1, 2]
+    # A trial cut off mid-training resumed: its reports to Tune continue after the last one before the
+    # interruption (no restart from epoch 1, no epoch reported twice), and every trial's MLflow run
+    # holds each epoch exactly once.
+    reported = _reported_epochs(out)
+    for trial_id, last in cut.items():
+        epochs = [e for e, completed in reported[trial_id] if not completed]
+        assert epochs[0] == 1 and epochs[-1] == EPOCHS, (trial_id, last, reported[trial_id])
+        assert all(a < b for a, b in zip(epochs, epochs[1:])), (trial_id, last, reported[trial_id])
+        assert reported[trial_id][-1] == (EPOCHS, 1)  # and it then completed
+    for run in children:
+        for metric in ("val_rec", "val_recon_r2"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+            assert sorted(steps) == list(range(1, EPOCHS + 1)), (run.data.tags["raysys_trial_id"], metric, steps)
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}

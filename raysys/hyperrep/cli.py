@@ -16,6 +16,9 @@ def register(subparsers) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=10 (repeatable)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (absolute sqlite:////... or a .db path)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted training from OUT/resume/ (same config and zoo; the same MLflow "
+                        "run); with nothing to resume, train from epoch 1")
     p.set_defaults(func=_train)
 
     # Hook for the evaluation stage: raysys/hyperrep/evaluate.py exposes register_eval(hsub).
@@ -35,6 +38,6 @@ def _train(args) -> int:
     from raysys.hyperrep.train import train
 
     cfg = load(HyperRepConfig, args.config, args.overrides)
-    summary = train(cfg, args.zoo, args.out, tracking_uri=args.tracking_uri)
+    summary = train(cfg, args.zoo, args.out, tracking_uri=args.tracking_uri, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0

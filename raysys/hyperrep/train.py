@@ -5,11 +5,21 @@ store assigned it. Each step draws two augmented views per sample; the loss is
 beta * LWLN-reconstruction of the clean permuted weights + (1 - beta) * contrastive loss of the
 two views. The checkpoint with the lowest validation reconstruction loss is kept in ``out_dir``
 (never selected on the test split); test R^2 is computed once, at the end, for that checkpoint.
+
+Resume: after every epoch the whole training state (current weights, optimizer, scheduler, both
+random generators, epoch, best-so-far, patience counter, history, config and zoo manifest sha256,
+MLflow run id) is written atomically to ``out_dir/resume/state.pt``. ``train(..., resume=True)``
+continues from it and ends with the same weights and history as an uninterrupted run; a training
+that finishes removes ``out_dir/resume/``.
 """
 from __future__ import annotations
 
 import copy
+import io
 import math
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -27,10 +37,13 @@ from raysys.hyperrep.config import HyperRepConfig
 from raysys.hyperrep.losses import CONTRASTIVE, layer_statistics, r2_score, reconstruction_loss
 from raysys.hyperrep.model import HyperRepresentation
 from raysys.integrity import check_output_dir
-from raysys.store import atomic_write_json, open_zoo
+from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
 
 SPLITS = ("train", "val", "test")
 Report = Callable[[int, dict], None]
+RESUME_DIR, RESUME_FILE, RESUME_FORMAT = "resume", "state.pt", 1
+# Config keys that do not change what is trained, so a resume may change them.
+RESUME_FREE = {"train.threads"}
 
 
 def load_window(zoo, window: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -72,24 +85,87 @@ def evaluate(model: HyperRepresentation, weights: torch.Tensor, batch_size: int 
 
 def train(config: HyperRepConfig | dict, zoo_dir: str | Path, out_dir: str | Path,
           tracking_uri: str | None = None, report: Report | None = None,
-          experiment: str = "hyperrep", progress: bool = True) -> dict:
+          experiment: str = "hyperrep", progress: bool = True, resume: bool = False) -> dict:
     """Train, keep the best checkpoint (by validation reconstruction) in ``out_dir``, return a summary.
 
-    ``report(epoch, metrics)`` is called after every epoch (e.g. ``ray.tune.report`` in a trial).
-    ``tracking_uri`` None means ``$MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db``
-    (:func:`raysys.tracking.resolve_tracking_uri`); one MLflow run per call.
+    ``report(epoch, metrics)`` is called after every epoch (e.g. ``ray.tune.report`` in a trial),
+    after the epoch's resume state is written. ``tracking_uri`` None means ``$MLFLOW_TRACKING_URI``
+    or ``sqlite:///<cwd>/mlflow.db`` (:func:`raysys.tracking.resolve_tracking_uri`); one MLflow run
+    per training.
+
+    ``resume=True`` continues from ``out_dir/resume/state.pt`` (written after every epoch) when it
+    exists and starts fresh when it does not, so rerunning the same command is always safe. The
+    state must come from the same config (``train.threads`` aside) and zoo manifest, else a
+    :class:`RaysysError` says so. The MLflow run continues too: ``$MLFLOW_RUN_ID`` if set, else the
+    run id recorded in the state (a new run, with a warning, if the tracking store no longer has it).
     """
     cfg = config if isinstance(config, HyperRepConfig) else validate(HyperRepConfig, config)
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return _train(cfg, Path(zoo_dir), Path(out_dir), tracking_uri, report, experiment, progress)
+        return _train(cfg, Path(zoo_dir), Path(out_dir), tracking_uri, report, experiment, progress, resume)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, report, experiment, progress) -> dict:
+def _flat(data, prefix: str = "") -> dict:
+    if isinstance(data, dict):
+        return {k: v for key, val in data.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: data}
+
+
+def load_resume_state(out_dir: Path, config: dict, manifest_sha: str) -> dict | None:
+    """The resume state in ``out_dir`` (None when there is none), checked against this config and zoo."""
+    path = out_dir / RESUME_DIR / RESUME_FILE
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise RaysysError(f"the resume state {path} cannot be read ({type(err).__name__}: {err}). Delete "
+                          f"{path.parent} to train again from epoch 1, or pass a new --out.") from None
+    if not isinstance(state, dict) or state.get("format") != RESUME_FORMAT:
+        raise RaysysError(f"{path} is not a resume state this raysys writes (format "
+                          f"{state.get('format') if isinstance(state, dict) else '?'}, expected {RESUME_FORMAT}). "
+                          f"Delete {path.parent} to train again from epoch 1, or pass a new --out.")
+    if state["manifest_sha256"] != manifest_sha:
+        raise RaysysError(f"the checkpoint in {out_dir} was trained on a different zoo (manifest sha256 "
+                          f"{state['manifest_sha256'][:12]}..., this zoo's is {manifest_sha[:12]}...). "
+                          f"Pass the zoo it was trained on, a new --out, or drop --resume.")
+    old, new = _flat(state["config"]), _flat(config)
+    changed = sorted(k for k in old.keys() | new.keys() if k not in RESUME_FREE and old.get(k) != new.get(k))
+    if changed:
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:5])
+        raise RaysysError(f"the checkpoint in {out_dir} was trained with a different config ({diff}"
+                          f"{', ...' if len(changed) > 5 else ''}). Resume with the config it was started "
+                          f"with, or pass a new --out, or drop --resume to train again from epoch 1.")
+    return state
+
+
+def save_resume_state(out_dir: Path, state: dict) -> None:
+    """Write the resume state atomically: a reader sees the previous epoch's state or this one."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    (out_dir / RESUME_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / RESUME_DIR / RESUME_FILE, buf.getvalue())
+
+
+def _plain(obj):
+    """numpy scalars -> Python numbers (same values), so ``torch.load(weights_only=True)`` accepts them."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj.item() if isinstance(obj, np.generic) else obj
+
+
+def _cpu(state: dict) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, report, experiment, progress,
+           resume: bool = False) -> dict:
     tc = cfg.train
     check_output_dir(out_dir)
     zoo = open_zoo(zoo_dir)
@@ -97,6 +173,9 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
         raise RaysysError(f"model.latent_dim {cfg.model.latent_dim} is larger than the {zoo.num_params} parameters of "
                           f"the zoo's {zoo.layout.arch} models: the 'compression' would expand them. "
                           f"Set model.latent_dim below {zoo.num_params} (e.g. --set model.latent_dim={max(1, zoo.num_params // 4)}).")
+    config_json = cfg.model_dump(mode="json")
+    zoo_sha = manifest_sha256(zoo_dir)
+    state = load_resume_state(out_dir, config_json, zoo_sha) if resume else None
     data = load_window(zoo, tc.epoch_window)
     device = resolve_device(tc.device)
 
@@ -116,19 +195,42 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
     else:
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, tc.patience // 3))
     gen = torch.Generator().manual_seed(tc.seed)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])  # dropout draws from the global generator
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
 
-    meta = {"zoo": {"path": str(Path(zoo_dir).resolve()), "manifest_sha256": manifest_sha256(zoo_dir),
+    meta = {"zoo": {"path": str(Path(zoo_dir).resolve()), "manifest_sha256": zoo_sha,
                     "arch": zoo.manifest.get("arch", zoo.layout.arch), "dataset": zoo.manifest.get("dataset")},
             "data": {s: int(len(v)) for s, v in data.items()}}
-    params = {**cfg.model_dump(mode="json"), "zoo": {k: meta["zoo"][k] for k in ("path", "manifest_sha256", "arch")},
+    params = {**config_json, "zoo": {k: meta["zoo"][k] for k in ("path", "manifest_sha256", "arch")},
               "data": meta["data"]}
-    with tracking.start_run(tracking_uri, experiment, run_name=f"hyperrep-{out_dir.name}",
-                            tags={"raysys.stage": "hyperrep"}, params=params) as run:
+    run_id = None
+    if state is not None and not os.environ.get("MLFLOW_RUN_ID"):  # $MLFLOW_RUN_ID (a search trial) wins
+        run_id = _existing_run(tracking_uri, state.get("mlflow_run_id"))
+    resumed_run = state is not None and (run_id is not None or bool(os.environ.get("MLFLOW_RUN_ID")))
+    tags = {"raysys.stage": "hyperrep"}
+    if state is not None:
+        tags["raysys.resumed_after_epoch"] = str(state["epoch"])
+    with tracking.start_run(tracking_uri, experiment, run_name=f"hyperrep-{out_dir.name}", tags=tags,
+                            params=None if resumed_run else params, run_id=run_id) as run:
         meta["mlflow_run_id"] = run.info.run_id  # lets evaluation link back to the training run
         train_w, n = data["train"], len(data["train"])
         best = {"val_rec": math.inf, "epoch": -1}
-        best_state, history, stale, t0 = None, [], 0, time.time()
-        bar = tqdm(range(1, tc.epochs + 1), desc="hyperrep", unit="epoch", disable=not progress)
+        best_state, history, stale, t0, spent, start = None, [], 0, time.time(), 0.0, 1
+        # Epochs this run already logged: a resume from an older state than the interruption (a Tune
+        # trial restores its last *registered* checkpoint) redoes them without logging them twice.
+        logged = last_logged_step(tracking_uri, run.info.run_id, "val_rec") if resumed_run else 0
+        if state is not None:
+            best, history, stale, spent = state["best"], state["history"], state["stale"], state["seconds"]
+            best_state = state["best_state"]
+            start = state["epoch"] + 1 if stale < tc.patience else tc.epochs + 1  # early-stopped: nothing left
+        bar = tqdm(range(start, tc.epochs + 1), desc="hyperrep", unit="epoch", disable=not progress,
+                   initial=start - 1, total=tc.epochs)
         for epoch in bar:
             model.train()
             order = torch.randperm(n, generator=gen)
@@ -165,7 +267,16 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
                 stale += 1
             metrics["best_val_rec"] = best["val_rec"]
             history.append({"epoch": epoch, **metrics})
-            mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+            if epoch > logged:
+                mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+            save_resume_state(out_dir, {
+                "format": RESUME_FORMAT, "epoch": epoch, "config": config_json, "manifest_sha256": zoo_sha,
+                "mlflow_run_id": run.info.run_id, "best": _plain(best), "stale": stale, "history": _plain(history),
+                "seconds": spent + time.time() - t0, "model": _cpu(model.state_dict()),
+                "best_state": None if best_state is None else _cpu(best_state),
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
             bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", val_r2=f"{val['r2']:.3f}")
             if report is not None:
                 report(epoch, dict(metrics, epoch=epoch))
@@ -175,15 +286,37 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
         if best_state is None:
             raise RaysysError(f"validation reconstruction was never finite in {len(history)} epochs. "
                               f"Lower train.lr (now {tc.lr}) or check the zoo for diverged models.")
-        model.load_state_dict(best_state)
+        model.load_state_dict(best_state)  # (a resumed best_state is on the CPU; load copies it over)
         test = evaluate(model, data["test"])
         summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "val_rec": best["val_rec"],
                    "val_r2": best["val_r2"], "test_rec": test["rec"], "test_mse": test["mse"], "test_r2": test["r2"],
-                   "train_seconds": time.time() - t0, **meta["data"]}
+                   "train_seconds": spent + time.time() - t0, **meta["data"]}
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         model.save(out_dir, {**meta, "epoch": best["epoch"], "metrics": numbers})
         atomic_write_json(out_dir / "history.json", history)
+        shutil.rmtree(out_dir / RESUME_DIR, ignore_errors=True)  # finished: nothing left to resume
         mlflow.log_metrics({f"final_{k}": v for k, v in numbers.items()})
         mlflow.log_artifacts(str(out_dir), "checkpoint")
         summary.update(checkpoint=str(out_dir.resolve()), mlflow_run_id=run.info.run_id)
     return summary
+
+
+def _existing_run(tracking_uri, run_id: str | None) -> str | None:
+    """``run_id`` when the tracking store still has it, else None (the resumed training gets a new run)."""
+    if not run_id:
+        return None
+    from raysys.integrity import check_tracking_uri
+
+    check_tracking_uri(tracking_uri)  # an unreachable server fails fast here, not after MLflow's retries
+    try:
+        tracking.client(tracking_uri).get_run(run_id)
+        return run_id
+    except Exception:
+        print(f"raysys: warning: MLflow run {run_id} of the interrupted training is not in this tracking store; "
+              f"the resumed epochs go to a new run", file=sys.stderr)
+        return None
+
+
+def last_logged_step(tracking_uri, run_id: str, key: str) -> int:
+    """The highest step at which MLflow run ``run_id`` has metric ``key`` (0 if none)."""
+    return max((m.step for m in tracking.client(tracking_uri).get_metric_history(run_id, key)), default=0)
