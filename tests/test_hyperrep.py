@@ -353,7 +353,7 @@ def test_interrupted_then_resumed_training_equals_an_uninterrupted_one(tiny_zoo,
     seen = []
     with pytest.raises(Cut):
         train(cfg, tiny_zoo, tmp_path / "cut", tracking_uri=mlflow_uri, report=_cut_at(3, seen), progress=False)
-    assert seen == [1, 2, 3] and (tmp_path / "cut" / "resume" / "state.pt").exists()
+    assert seen == [1, 2, 3] and (tmp_path / "cut" / "resume" / "state.safetensors").exists()
     resumed = train(cfg, tiny_zoo, tmp_path / "cut", tracking_uri=mlflow_uri, resume=True,
                     report=lambda e, m: seen.append(e), progress=False)
     assert seen == [1, 2, 3, 4, 5, 6]  # continued after epoch 3, nothing run twice
@@ -431,17 +431,17 @@ def test_resume_from_an_older_state_redoes_epochs_without_logging_them_twice(tin
     cfg = _resume_config("cosine").model_copy(deep=True)
     cfg.train.epochs = 4
     whole = train(cfg, tiny_zoo, tmp_path / "whole", tracking_uri=mlflow_uri, progress=False)
-    state = tmp_path / "ck" / "resume" / "state.pt"
+    state = tmp_path / "ck" / "resume" / "state.safetensors"
 
     def report(epoch, metrics):
         if epoch == 2:
-            shutil.copy(state, tmp_path / "epoch2.pt")
+            shutil.copy(state, tmp_path / "epoch2.safetensors")
         if epoch == 3:
             raise Cut("after epoch 3")
 
     with pytest.raises(Cut):
         train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, report=report, progress=False)
-    shutil.copy(tmp_path / "epoch2.pt", state)  # the registered checkpoint was epoch 2's
+    shutil.copy(tmp_path / "epoch2.safetensors", state)  # the registered checkpoint was epoch 2's
     redone = []
     resumed = train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, resume=True,
                     report=lambda e, m: redone.append(e), progress=False)

@@ -8,14 +8,14 @@ two views. The checkpoint with the lowest validation reconstruction loss is kept
 
 Resume: after every epoch the whole training state (current weights, optimizer, scheduler, both
 random generators, epoch, best-so-far, patience counter, history, config and zoo manifest sha256,
-MLflow run id) is written atomically to ``out_dir/resume/state.pt``. ``train(..., resume=True)``
+MLflow run id) is written atomically to ``out_dir/resume/state.safetensors``. ``train(..., resume=True)``
 continues from it and ends with the same weights and history as an uninterrupted run; a training
 that finishes removes ``out_dir/resume/``.
 """
 from __future__ import annotations
 
 import copy
-import io
+import json
 import math
 import os
 import shutil
@@ -41,7 +41,7 @@ from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
 
 SPLITS = ("train", "val", "test")
 Report = Callable[[int, dict], None]
-RESUME_DIR, RESUME_FILE, RESUME_FORMAT = "resume", "state.pt", 1
+RESUME_DIR, RESUME_FILE, RESUME_FORMAT = "resume", "state.safetensors", 2
 # Config keys that do not change what is trained, so a resume may change them.
 RESUME_FREE = {"train.threads"}
 
@@ -93,7 +93,7 @@ def train(config: HyperRepConfig | dict, zoo_dir: str | Path, out_dir: str | Pat
     or ``sqlite:///<cwd>/mlflow.db`` (:func:`raysys.tracking.resolve_tracking_uri`); one MLflow run
     per training.
 
-    ``resume=True`` continues from ``out_dir/resume/state.pt`` (written after every epoch) when it
+    ``resume=True`` continues from ``out_dir/resume/state.safetensors`` (written after every epoch) when it
     exists and starts fresh when it does not, so rerunning the same command is always safe. The
     state must come from the same config (``train.threads`` aside) and zoo manifest, else a
     :class:`RaysysError` says so. The MLflow run continues too: ``$MLFLOW_RUN_ID`` if set, else the
@@ -121,7 +121,7 @@ def load_resume_state(out_dir: Path, config: dict, manifest_sha: str) -> dict | 
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_state(path)
     except Exception as err:
         raise RaysysError(f"the resume state {path} cannot be read ({type(err).__name__}: {err}). Delete "
                           f"{path.parent} to train again from epoch 1, or pass a new --out.") from None
@@ -144,20 +144,55 @@ def load_resume_state(out_dir: Path, config: dict, manifest_sha: str) -> dict | 
 
 
 def save_resume_state(out_dir: Path, state: dict) -> None:
-    """Write the resume state atomically: a reader sees the previous epoch's state or this one."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
+    """Write the resume state atomically: a reader sees the previous epoch's state or this one.
+
+    One safetensors file (no pickle): the tensors by path, and the nested structure around them
+    (optimizer and scheduler state, history, ...) as JSON in the file's metadata."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(_pack(state, tensors, "state"), allow_nan=True)
     (out_dir / RESUME_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out_dir / RESUME_DIR / RESUME_FILE, buf.getvalue())
+    atomic_write_bytes(out_dir / RESUME_DIR / RESUME_FILE, save(tensors, metadata={"structure": structure}))
 
 
-def _plain(obj):
-    """numpy scalars -> Python numbers (same values), so ``torch.load(weights_only=True)`` accepts them."""
+def _read_state(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        structure = json.loads(f.metadata()["structure"])
+    return _unpack(structure, tensors)
+
+
+def _pack(obj, tensors: dict, path: str):
+    """Nested dicts / lists / tuples / tensors / JSON scalars -> JSON, with tensors moved into ``tensors``.
+    Dict keys keep their type (optimizer state is keyed by int), tuples stay tuples."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {"__dict__": [[k, _pack(v, tensors, f"{path}.{k}")] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj.item() if isinstance(obj, np.generic) else obj
+        items = [_pack(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store {type(obj).__name__} at {path} in a resume state")
+
+
+def _unpack(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_unpack(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_unpack(v, tensors) for v in obj["__tuple__"])
+        return {k: _unpack(v, tensors) for k, v in obj["__dict__"]}
+    return obj
 
 
 def _cpu(state: dict) -> dict:
@@ -271,7 +306,7 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
                 mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
             save_resume_state(out_dir, {
                 "format": RESUME_FORMAT, "epoch": epoch, "config": config_json, "manifest_sha256": zoo_sha,
-                "mlflow_run_id": run.info.run_id, "best": _plain(best), "stale": stale, "history": _plain(history),
+                "mlflow_run_id": run.info.run_id, "best": best, "stale": stale, "history": history,
                 "seconds": spent + time.time() - t0, "model": _cpu(model.state_dict()),
                 "best_state": None if best_state is None else _cpu(best_state),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
