@@ -374,8 +374,8 @@ class _ChainPopulation:
         if self.first_kernel is not None:
             per_image *= (x0.shape[2] - self.first_kernel[0] + 1) * (x0.shape[3] - self.first_kernel[1] + 1)
         if self.pooled_first:  # the first layer's output is pooled slice by slice: a chunk holds a quarter of it
-            first = self._pooled_first_layer(params, per_image)
             chunk = max(1, min(EVAL_BATCH, EVAL_POOLED_CHUNK_FLOATS.get(self.device.type, 1 << 40) // (per_image // 4)))
+            first = self._pooled_first_layer(params, per_image, chunk)
         else:
             chunk = max(1, min(EVAL_BATCH, EVAL_CHUNK_FLOATS.get(self.device.type, 24 << 20) // per_image))
         out = {}
@@ -399,17 +399,17 @@ class _ChainPopulation:
         out["ggap"] = out["train_acc"] - out["test_acc"]
         return out
 
-    def _pooled_first_layer(self, params, per_image: int):
+    def _pooled_first_layer(self, params, per_image: int, max_images: int):
         """Evaluation's first conv + max-pool for images every model sees: returns images -> pooled
-        [M, N*O, Ho/2, Wo/2]. The GEMM runs a few images at a time into one reused buffer, so each
-        slice's output is still in cache when it is pooled, and no large tensor is allocated."""
+        [M <= max_images, N*O, Ho/2, Wo/2]. The GEMM runs a few images at a time into one reused buffer,
+        so each slice's output is still in cache when it is pooled, and no large tensor is allocated."""
         w, b = params[f"{self.first}.weight"], params.get(f"{self.first}.bias")
         n, o = w.shape[:2]
         w = w.reshape(n, o, -1)
         if b is not None:
             w = torch.cat([w, b[:, :, None]], dim=2)  # matches the rows' column of ones
         w = w.reshape(n * o, -1).t().contiguous()  # [K (+1), N*O]
-        step = max(1, EVAL_SLICE_FLOATS.get(self.device.type, 1 << 40) // per_image)
+        step = max(1, min(max_images, EVAL_SLICE_FLOATS.get(self.device.type, 1 << 40) // per_image))
         x0 = self.images["train"]
         ho, wo = x0.shape[2] - self.first_kernel[0] + 1, x0.shape[3] - self.first_kernel[1] + 1
         buffer = torch.empty(step * ho * wo, n * o, device=self.device)

@@ -107,6 +107,18 @@ def test_sliced_first_layer_matches_train_one(small_digits, monkeypatch):
     _assert_same(ref, got)
 
 
+def test_unsliced_first_layer_the_gpu_setting_matches_train_one(small_digits, monkeypatch):
+    """The GPU's slice settings (one slice per batch and per evaluation chunk), run on the CPU:
+    the same numbers, and no buffer sized by the (huge) slice limit itself."""
+    from raysys import population
+    for table in ("TRAIN_SLICE_FLOATS", "EVAL_SLICE_FLOATS", "EVAL_POOLED_CHUNK_FLOATS"):
+        monkeypatch.setitem(getattr(population, table), "cpu", getattr(population, table)["cuda"])
+    specs = _specs(2, "sgd", "relu", 0.0)
+    ref = _one_at_a_time("cnn_s", specs, small_digits, 1)
+    got, _ = _together("cnn_s", specs, small_digits, 1)
+    _assert_same(ref, got)
+
+
 def test_tanh_kernel_matches_torch_tanh():
     from raysys.population import _tanh
     x = torch.cat([torch.randn(10_000) * 4, torch.tensor([0.0, 1e-8, -1e-5, 30.0, -30.0, 1e4, -1e4])])
