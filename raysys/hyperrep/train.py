@@ -195,10 +195,6 @@ def _unpack(obj, tensors: dict):
     return obj
 
 
-def _cpu(state: dict) -> dict:
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
 def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, report, experiment, progress,
            resume: bool = False) -> dict:
     tc = cfg.train
@@ -307,8 +303,8 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
             save_resume_state(out_dir, {
                 "format": RESUME_FORMAT, "epoch": epoch, "config": config_json, "manifest_sha256": zoo_sha,
                 "mlflow_run_id": run.info.run_id, "best": best, "stale": stale, "history": history,
-                "seconds": spent + time.time() - t0, "model": _cpu(model.state_dict()),
-                "best_state": None if best_state is None else _cpu(best_state),
+                "seconds": spent + time.time() - t0, "model": model.state_dict(),
+                "best_state": best_state,  # _pack copies every tensor to the CPU
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "generator": gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
