@@ -300,12 +300,19 @@ class _ChainPopulation:
                 slice_images = max(1, TRAIN_SLICE_FLOATS.get(self.device.type, 1 << 40) // per_image)
                 return _ConvPool.apply(x, w, b, n, slice_images)
             return F.conv2d(x, w, b, groups=n)
+        w = self._conv_gemm_weights(params)
+        m, side = x.shape[0], int(round(math.sqrt(x.shape[1])))
+        y = (x.reshape(-1, w.shape[0]) @ w).view(m, side, side, n * o)
+        return y.permute(0, 3, 1, 2)  # [M, N*O, Ho, Wo], channels-last memory
+
+    def _conv_gemm_weights(self, params) -> torch.Tensor:
+        """All models' first-conv kernels side by side, [K (+1 bias row), N*O], for the shared-image GEMM."""
+        w, b = params[f"{self.first}.weight"], params.get(f"{self.first}.bias")
+        n, o = w.shape[:2]
         w = w.reshape(n, o, -1)
         if b is not None:
             w = torch.cat([w, b[:, :, None]], dim=2)  # matches the rows' column of ones
-        m, side = x.shape[0], int(round(math.sqrt(x.shape[1])))
-        y = (x.reshape(-1, w.shape[2]) @ w.reshape(n * o, -1).t()).view(m, side, side, n * o)
-        return y.permute(0, 3, 1, 2)  # [M, N*O, Ho, Wo], channels-last memory
+        return w.reshape(n * o, -1).t()
 
     def _train_inputs(self, idx: torch.Tensor) -> torch.Tensor:
         """First-layer inputs of the per-model batches idx [N, b] (see :meth:`_first_layer`)."""
@@ -403,25 +410,21 @@ class _ChainPopulation:
         """Evaluation's first conv + max-pool for images every model sees: returns images -> pooled
         [M <= max_images, N*O, Ho/2, Wo/2]. The GEMM runs a few images at a time into one reused buffer,
         so each slice's output is still in cache when it is pooled, and no large tensor is allocated."""
-        w, b = params[f"{self.first}.weight"], params.get(f"{self.first}.bias")
-        n, o = w.shape[:2]
-        w = w.reshape(n, o, -1)
-        if b is not None:
-            w = torch.cat([w, b[:, :, None]], dim=2)  # matches the rows' column of ones
-        w = w.reshape(n * o, -1).t().contiguous()  # [K (+1), N*O]
+        w = self._conv_gemm_weights(params).contiguous()
+        n_o = w.shape[1]
         step = max(1, min(max_images, EVAL_SLICE_FLOATS.get(self.device.type, 1 << 40) // per_image))
         x0 = self.images["train"]
         ho, wo = x0.shape[2] - self.first_kernel[0] + 1, x0.shape[3] - self.first_kernel[1] + 1
-        buffer = torch.empty(step * ho * wo, n * o, device=self.device)
+        buffer = torch.empty(step * ho * wo, n_o, device=self.device)
 
         def first(images: torch.Tensor) -> torch.Tensor:
             rows = self._conv_rows(images)
-            pooled = torch.empty((len(images), n * o, ho // 2, wo // 2), device=self.device,
+            pooled = torch.empty((len(images), n_o, ho // 2, wo // 2), device=self.device,
                                  memory_format=torch.channels_last)
             for i in range(0, len(images), step):
                 r = rows[i:i + step]
                 y = torch.mm(r.reshape(-1, r.shape[2]), w, out=buffer[:r.shape[0] * ho * wo])
-                pooled[i:i + step] = F.max_pool2d(y.view(r.shape[0], ho, wo, n * o).permute(0, 3, 1, 2), 2)
+                pooled[i:i + step] = F.max_pool2d(y.view(r.shape[0], ho, wo, n_o).permute(0, 3, 1, 2), 2)
             return pooled
         return first
 
