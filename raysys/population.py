@@ -17,13 +17,18 @@ Kernels (why they look the way they do; measured on CPU, see benchmarks/zoo_thro
   image at 24 CNN-s models) stays in cache through pooling and, in backward, through the
   pooling gradient and the weight gradient, instead of a multi-MB tensor making four trips to
   memory per step (measured: a third of a training step). Pooling is torch's own kernel, so
-  ties and NaNs behave as in ``train_one``.
+  ties and NaNs behave as in ``train_one``. Two models share one oneDNN group there when a
+  model has 8 output channels (oneDNN fills 16 lanes per group either way), and the bias
+  gradient is the sum of the pooled gradient.
+* Bias gradients of the other convs are plain sums too (:class:`_GroupedConv`): oneDNN's bias
+  reduction inside its convolution backward cost 10-35 % of that backward.
 * tanh is ``2*sigmoid(2x) - 1`` (:class:`_Tanh`): torch's CPU tanh is about 5x slower than its
   sigmoid (measured on AVX-512), and the two agree to 2e-7; the gradient is torch's own
   ``tanh_backward``. The other activations are torch's ops.
 * Evaluation shows the same images to every model, so the first layer is ONE GEMM of the
   shared im2col rows (plus a ones column for the bias) against all models' kernels side by
-  side, landing directly in channels-last layout.
+  side, landing directly in channels-last layout; its im2col rows, pooled output and
+  activations reuse their buffers (fresh memory costs page faults on every chunk).
 * Parameters and Adam moments are single ``[N, P]`` tensors: the optimizer is a handful of
   elementwise ops per step with per-model lr / weight decay columns.
 * Nothing reduces across the model axis (the loss is summed only to seed backward, which
@@ -62,12 +67,15 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 # On CPU a chunk that stays in cache for the pool and activation after the GEMM evaluates 1.6x
 # faster than one chunk of 1,024 images (measured: 0.71 s vs 1.15 s for 24 CNN-s models on digits).
 EVAL_CHUNK_FLOATS = {"cpu": 2 << 20, "cuda": 512 << 20}
-# Largest first-layer conv output (floats) one training slice of _ConvPool may hold: ~1 MB, so it
-# stays in a core's L2 through pooling and the weight gradient. On a GPU one slice is fastest.
-TRAIN_SLICE_FLOATS = {"cpu": 256 << 10, "cuda": 1 << 40}
+# Largest first-layer conv output (floats) one training slice of _ConvPool may hold: 2.5 MB, five
+# images of 24 CNN-s models, close enough to the core for pooling and the weight gradient while
+# oneDNN gets enough images per call (measured, 24 models: 6.9 ms a step against 7.3 ms with
+# two-image slices and 7.4 ms with one slice of ten). On a GPU one slice is fastest.
+TRAIN_SLICE_FLOATS = {"cpu": 640 << 10, "cuda": 1 << 40}
 EVAL_SLICE_FLOATS = {"cpu": 256 << 10, "cuda": 1 << 40}
-# ... and the pooled output of one evaluation chunk (the input of the rest of the chain).
-EVAL_POOLED_CHUNK_FLOATS = {"cpu": 512 << 10, "cuda": 128 << 20}
+# ... and the pooled output of one evaluation chunk (the input of the rest of the chain): ~150
+# images of 24 CNN-s models, where conv2 runs 5 % faster than on chunks of 18 (measured).
+EVAL_POOLED_CHUNK_FLOATS = {"cpu": 4 << 20, "cuda": 128 << 20}
 
 
 class PopulationError(RaysysError):
@@ -146,45 +154,110 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
     return x.mul(2).sigmoid_().mul_(2).sub_(1)
 
 
+def _tanh_(x: torch.Tensor) -> torch.Tensor:
+    """In-place tanh (evaluation): no fresh memory to fault in."""
+    return torch.tanh_(x) if x.device.type != "cpu" else x.mul_(2).sigmoid_().mul_(2).sub_(1)
+
+
+def _models_per_group(models: int, out_channels: int, device: torch.device) -> int:
+    """How many models share one oneDNN group of a first conv with ``out_channels`` per model.
+
+    oneDNN's CPU kernels vectorize a group's output channels 16 at a time, so a group of 8 costs
+    as much as one of 16: two models per group with block-diagonal kernels (zeros between the
+    models) do both for the price of one (measured, 24 CNN-s models, two images: forward
+    188 -> 157 us, weight gradient 176 -> 162 us). The zeros only ever multiply image pixels,
+    which are finite, so no model's output or gradient sees another model's numbers.
+    """
+    k = 16 // out_channels if device.type == "cpu" and out_channels < 16 and 16 % out_channels == 0 else 1
+    return k if k > 1 and models % k == 0 else 1
+
+
 class _ConvPool(torch.autograd.Function):
-    """max_pool2d(conv2d(x, w, b, groups), 2) for input images x (no input gradient), one slice of
-    images at a time, so each slice's conv output stays in cache. Same kernels as the plain ops."""
+    """max_pool2d(conv2d(x, w, b, groups=N), 2) for input images x (no input gradient), one slice of
+    images at a time, so each slice's conv output stays in cache; ``k`` models share one oneDNN
+    group (:func:`_models_per_group`). The bias gradient is the sum of the pooled gradient: max
+    pooling without overlap routes each pooled gradient to exactly one conv output, and summing
+    it here costs a fraction of oneDNN's bias reduction over the 4x larger conv gradient."""
 
     @staticmethod
-    def forward(ctx, x, w, b, groups: int, slice_images: int):
-        pooled, indices = [], []
+    def forward(ctx, x, w, b, models: int, k: int, slice_images: int):
+        o, c, kh, kw = w.shape[0] // models, w.shape[1], w.shape[2], w.shape[3]
+        wk = w if k == 1 else _to_blocks(w, models, k)
+        ho, wo = x.shape[2] - kh + 1, x.shape[3] - kw + 1
+        pooled = torch.empty((x.shape[0], w.shape[0], ho // 2, wo // 2), dtype=x.dtype, device=x.device,
+                             memory_format=torch.channels_last)
+        indices = torch.empty(pooled.shape, dtype=torch.int64, device=x.device, memory_format=torch.channels_last)
         for i in range(0, x.shape[0], slice_images):
-            p, idx = F.max_pool2d(F.conv2d(x[i:i + slice_images], w, b, groups=groups), 2, return_indices=True)
-            pooled.append(p)
-            indices.append(idx)
-        ctx.save_for_backward(x, w, *indices)
-        ctx.groups, ctx.slice_images, ctx.has_bias = groups, slice_images, b is not None
-        ctx.conv_hw = (x.shape[2] - w.shape[2] + 1, x.shape[3] - w.shape[3] + 1)
-        return torch.cat(pooled)
+            torch.ops.aten.max_pool2d_with_indices.out(
+                F.conv2d(x[i:i + slice_images], wk, b, groups=models // k), [2, 2], [2, 2], [0, 0], [1, 1], False,
+                out=pooled[i:i + slice_images], indices=indices[i:i + slice_images])
+        ctx.save_for_backward(x, wk, indices)
+        ctx.models, ctx.k, ctx.c, ctx.slice_images, ctx.has_bias, ctx.conv_hw = models, k, c, slice_images, b is not None, (ho, wo)
+        return pooled
 
     @staticmethod
     def backward(ctx, grad_pooled):
-        x, w, *indices = ctx.saved_tensors
-        step, grad_w, grad_b, grad_conv = ctx.slice_images, None, None, None
-        for k, i in enumerate(range(0, x.shape[0], step)):
+        x, wk, indices = ctx.saved_tensors
+        step, grad_wk, grad_conv = ctx.slice_images, None, None
+        for i in range(0, x.shape[0], step):
             xs = x[i:i + step]
             if grad_conv is None or grad_conv.shape[0] != xs.shape[0]:  # one buffer, reused while it stays hot
-                grad_conv = torch.empty((xs.shape[0], w.shape[0], *ctx.conv_hw), dtype=x.dtype, device=x.device,
+                grad_conv = torch.empty((xs.shape[0], wk.shape[0], *ctx.conv_hw), dtype=x.dtype, device=x.device,
                                         memory_format=torch.channels_last)
             torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
-                grad_pooled[i:i + step], grad_conv, [2, 2], [2, 2], [0, 0], [1, 1], False, indices[k], grad_input=grad_conv)
-            _, gw, gb = torch.ops.aten.convolution_backward(
-                grad_conv, xs, w, [w.shape[0]], [1, 1], [0, 0], [1, 1], False, [0, 0], ctx.groups,
-                [False, True, ctx.has_bias])
-            grad_w = gw if grad_w is None else grad_w.add_(gw)
-            if ctx.has_bias:
-                grad_b = gb if grad_b is None else grad_b.add_(gb)
-        return None, grad_w, grad_b, None, None
+                grad_pooled[i:i + step], grad_conv, [2, 2], [2, 2], [0, 0], [1, 1], False, indices[i:i + step],
+                grad_input=grad_conv)
+            _, gw, _ = torch.ops.aten.convolution_backward(
+                grad_conv, xs, wk, None, [1, 1], [0, 0], [1, 1], False, [0, 0], ctx.models // ctx.k,
+                [False, True, False])
+            grad_wk = gw if grad_wk is None else grad_wk.add_(gw)
+        grad_w = grad_wk if ctx.k == 1 else _from_blocks(grad_wk, ctx.models, ctx.k, ctx.c)
+        grad_b = grad_pooled.sum((0, 2, 3)) if ctx.has_bias else None
+        return None, grad_w, grad_b, None, None, None
+
+
+def _to_blocks(w: torch.Tensor, models: int, k: int) -> torch.Tensor:
+    """Kernels [N*O, C, kh, kw] of N models -> [N*O, k*C, kh, kw]: oneDNN groups of k models, each
+    model's kernels on its own input channels, zeros on the other models' channels."""
+    o, c, kh, kw = w.shape[0] // models, *w.shape[1:]
+    blocks = w.new_zeros(models // k, k, o, k, c, kh, kw)
+    blocks.diagonal(0, 1, 3).copy_(w.view(models // k, k, o, c, kh, kw).permute(0, 2, 3, 4, 5, 1))
+    return blocks.view(models * o, k * c, kh, kw)
+
+
+def _from_blocks(g: torch.Tensor, models: int, k: int, c: int) -> torch.Tensor:
+    """The inverse of :func:`_to_blocks` on a gradient: each model's own block; the rest is discarded."""
+    o, kh, kw = g.shape[0] // models, g.shape[2], g.shape[3]
+    diagonal = g.view(models // k, k, o, k, c, kh, kw).diagonal(0, 1, 3)  # [G, O, C, kh, kw, k]
+    return diagonal.permute(0, 5, 1, 2, 3, 4).reshape(models * o, c, kh, kw)
+
+
+class _GroupedConv(torch.autograd.Function):
+    """conv2d(x, w, b, groups) whose bias gradient is a plain sum: oneDNN's own bias reduction inside
+    the backward costs 10-35 % of the whole convolution backward here (measured on CNN-s)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, groups: int):
+        ctx.save_for_backward(x, w)
+        ctx.groups, ctx.has_bias = groups, b is not None
+        return F.conv2d(x, w, b, groups=groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], ctx.groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        grad_b = grad.sum((0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
 
 
 # --- the batched chain ----------------------------------------------------------------------
 
 _ACT = {"tanh": _tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "gelu": F.gelu}
+# In evaluation (no autograd) an activation's input is always a fresh intermediate of the chain
+# (a pool, conv or linear output, or a buffer of the evaluation's own), so it is overwritten.
+_ACT_INPLACE = {"tanh": _tanh_, "sigmoid": torch.sigmoid_, "relu": torch.relu_, "gelu": F.gelu}
 _PARAMETER_FREE = ("flatten", "pool", "act", "drop")
 
 
@@ -196,6 +269,7 @@ class _ChainPopulation:
         self.arch, self.layout, self.specs, self.device = arch, layout, specs, device
         spec = specs[0]
         self.act, self.p_drop, self.batch_size, self.optimizer = _ACT[spec.activation], spec.dropout, spec.batch_size, spec.optimizer
+        self.act_ = _ACT_INPLACE[spec.activation]
         self.chain = CHAINS[arch]
         self.n = n = len(specs)
         if init_weights is None:
@@ -224,6 +298,7 @@ class _ChainPopulation:
         self.first_bias = f"{self.first}.bias" in {t.name for t in layout.tensors}
         # In training a first conv followed by pooling runs fused (_ConvPool), pooling included.
         self.pooled_first = self.first_kernel is not None and self.chain[self.first_index + 1:self.first_index + 2] == ["pool"]
+        self.models_per_group = _models_per_group(n, w[0], device) if self.pooled_first else 1
         self.site_shapes = self._trace_shapes(tuple(data.x_train.shape[1:]))
 
     def _trace_shapes(self, shape) -> dict[int, tuple]:
@@ -251,7 +326,7 @@ class _ChainPopulation:
             if op == "pool":
                 x = F.max_pool2d(x, 2)  # torch's own kernel: its tie-breaking and NaN rules
             elif op == "act":
-                x = self.act(x)
+                x = self.act(x) if torch.is_grad_enabled() else self.act_(x)
             elif op == "drop":
                 if masks is not None:
                     x = x * masks[site]
@@ -261,19 +336,33 @@ class _ChainPopulation:
             else:
                 w, b = params[f"{op}.weight"], params.get(f"{op}.bias")
                 if w.dim() == 5:  # grouped convolution: group i is model i
-                    x = F.conv2d(x, w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1), groups=n)
+                    w, b = w.reshape(-1, *w.shape[2:]), None if b is None else b.reshape(-1)
+                    if x.device.type == "cpu" and torch.is_grad_enabled():
+                        x = _GroupedConv.apply(x, w, b, n)
+                    else:
+                        x = F.conv2d(x, w, b, groups=n)
                 else:
                     wt = w.transpose(1, 2)
                     x = torch.bmm(x, wt) if b is None else torch.baddbmm(b[:, None, :], x, wt)
         return x
 
-    def _conv_rows(self, x: torch.Tensor) -> torch.Tensor:
+    def _conv_rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Images [M, C, H, W] -> first-conv im2col rows [M, Ho*Wo, C*kh*kw (+1)], with a column of
-        ones when the layer has a bias, so the bias rides inside the GEMM."""
-        rows = F.unfold(x, self.first_kernel)
-        if self.first_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1, rows.shape[2])], dim=1)
-        return rows.transpose(1, 2).contiguous()
+        ones when the layer has a bias, so the bias rides inside the GEMM. The rows are copied once,
+        straight from a strided view of the images (unfold + cat + transpose took three passes),
+        into ``out`` when given: a buffer from an earlier call whose ones column is already set."""
+        m, c, h, w = x.shape
+        kh, kw = self.first_kernel
+        ho, wo, k = h - kh + 1, w - kw + 1, c * kh * kw
+        x = x.contiguous()
+        patches = x.as_strided((m, ho, wo, c, kh, kw), (c * h * w, w, 1, h * w, w, 1), x.storage_offset())
+        width = k + self.first_bias
+        fresh = out is None or out.shape[0] < m
+        rows = x.new_empty(m, ho * wo, width) if fresh else out[:m]
+        rows.view(m, ho, wo, width)[..., :k].view(m, ho, wo, c, kh, kw).copy_(patches)
+        if self.first_bias and fresh:
+            rows[..., k] = 1.0
+        return rows
 
     def _first_layer(self, params, x: torch.Tensor, shared: bool) -> torch.Tensor:
         """The first weight layer.
@@ -298,7 +387,7 @@ class _ChainPopulation:
             if self.pooled_first:
                 per_image = n * o * (x.shape[2] - w.shape[2] + 1) * (x.shape[3] - w.shape[3] + 1)
                 slice_images = max(1, TRAIN_SLICE_FLOATS.get(self.device.type, 1 << 40) // per_image)
-                return _ConvPool.apply(x, w, b, n, slice_images)
+                return _ConvPool.apply(x, w, b, n, self.models_per_group, slice_images)
             return F.conv2d(x, w, b, groups=n)
         w = self._conv_gemm_weights(params)
         m, side = x.shape[0], int(round(math.sqrt(x.shape[1])))
@@ -417,14 +506,24 @@ class _ChainPopulation:
         ho, wo = x0.shape[2] - self.first_kernel[0] + 1, x0.shape[3] - self.first_kernel[1] + 1
         buffer = torch.empty(step * ho * wo, n_o, device=self.device)
 
+        buffers = {}  # the largest rows / pooled output so far, reused (fresh memory costs page faults)
+        indices = torch.empty((step, n_o, ho // 2, wo // 2), dtype=torch.int64, device=self.device,
+                              memory_format=torch.channels_last)
+
         def first(images: torch.Tensor) -> torch.Tensor:
-            rows = self._conv_rows(images)
-            pooled = torch.empty((len(images), n_o, ho // 2, wo // 2), device=self.device,
-                                 memory_format=torch.channels_last)
-            for i in range(0, len(images), step):
+            m = len(images)
+            rows = self._conv_rows(images, buffers.get("rows"))
+            if m > len(buffers.get("rows", ())):
+                buffers["rows"] = rows
+                buffers["pooled"] = torch.empty((m, n_o, ho // 2, wo // 2), device=self.device,
+                                                memory_format=torch.channels_last)
+            pooled = buffers["pooled"][:m]
+            for i in range(0, m, step):
                 r = rows[i:i + step]
                 y = torch.mm(r.reshape(-1, r.shape[2]), w, out=buffer[:r.shape[0] * ho * wo])
-                pooled[i:i + step] = F.max_pool2d(y.view(r.shape[0], ho, wo, n_o).permute(0, 3, 1, 2), 2)
+                torch.ops.aten.max_pool2d_with_indices.out(
+                    y.view(r.shape[0], ho, wo, n_o).permute(0, 3, 1, 2), [2, 2], [2, 2], [0, 0], [1, 1], False,
+                    out=pooled[i:i + step], indices=indices[:r.shape[0]])
             return pooled
         return first
 

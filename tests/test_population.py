@@ -120,7 +120,7 @@ def test_unsliced_first_layer_the_gpu_setting_matches_train_one(small_digits, mo
 
 
 def test_tanh_kernel_matches_torch_tanh():
-    from raysys.population import _tanh
+    from raysys.population import _tanh, _tanh_
     x = torch.cat([torch.randn(10_000) * 4, torch.tensor([0.0, 1e-8, -1e-5, 30.0, -30.0, 1e4, -1e4])])
     x.requires_grad_(True)
     y = _tanh(x)
@@ -129,9 +129,55 @@ def test_tanh_kernel_matches_torch_tanh():
     got, = torch.autograd.grad(y, x, g)
     want, = torch.autograd.grad(torch.tanh(x), x, g)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
-    with torch.no_grad():  # the evaluation path, no autograd node
+    with torch.no_grad():  # the evaluation paths, no autograd node; _tanh_ overwrites its input
         torch.testing.assert_close(_tanh(x), torch.tanh(x), atol=3e-7, rtol=0)
+        x_copy = x.clone()
+        assert _tanh_(x_copy) is x_copy
+        torch.testing.assert_close(x_copy, torch.tanh(x), atol=3e-7, rtol=0)
     assert torch.isnan(_tanh(torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.parametrize("models", [4, 3])  # 4: two models per oneDNN group (block-diagonal); 3: one
+def test_first_conv_kernels_match_plain_autograd(models):
+    """The fused conv+pool (sliced, models sharing groups, bias gradient from the pooled gradient)
+    and the grouped conv with its own bias gradient give autograd's numbers on the plain ops."""
+    from raysys.population import _ConvPool, _from_blocks, _GroupedConv, _models_per_group, _to_blocks
+    g = torch.Generator().manual_seed(models)
+    x = torch.rand(7, models, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(models * 8, 1, 5, 5, generator=g, requires_grad=True)
+    b = torch.randn(models * 8, generator=g, requires_grad=True)
+    k = _models_per_group(models, 8, torch.device("cpu"))
+    assert k == (2 if models % 2 == 0 else 1)
+    if models % 2 == 0:
+        torch.testing.assert_close(_from_blocks(_to_blocks(w, models, 2), models, 2, 1), w)
+    grad = torch.randn(7, models * 8, 12, 12, generator=g)
+    got = _ConvPool.apply(x, w, b, models, k, 3)  # slices of 3 images: 3 + 3 + 1
+    want = torch.nn.functional.max_pool2d(torch.nn.functional.conv2d(x, w, b, groups=models), 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got_w, got_b = torch.autograd.grad(got, (w, b), grad)
+    want_w, want_b = torch.autograd.grad(want, (w, b), grad)
+    torch.testing.assert_close(got_w, want_w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got_b, want_b, atol=1e-4, rtol=1e-4)
+
+    h = torch.randn(7, models * 8, 12, 12, generator=g).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    w2 = torch.randn(models * 6, 8, 5, 5, generator=g, requires_grad=True)
+    b2 = torch.randn(models * 6, generator=g, requires_grad=True)
+    grad2 = torch.randn(7, models * 6, 8, 8, generator=g)
+    got2 = _GroupedConv.apply(h, w2, b2, models)
+    want2 = torch.nn.functional.conv2d(h, w2, b2, groups=models)
+    torch.testing.assert_close(got2, want2)
+    for a, c in zip(torch.autograd.grad(got2, (h, w2, b2), grad2), torch.autograd.grad(want2, (h, w2, b2), grad2)):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+
+
+def test_models_share_a_group_only_where_it_pays():
+    from raysys.population import _models_per_group
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert _models_per_group(24, 8, cpu) == 2   # 8 channels fill half a 16-lane vector
+    assert _models_per_group(24, 4, cpu) == 4
+    assert _models_per_group(25, 8, cpu) == 1   # an odd population keeps one model per group
+    assert _models_per_group(24, 16, cpu) == 1 and _models_per_group(24, 6, cpu) == 1
+    assert _models_per_group(24, 8, cuda) == 1
 
 
 def test_tetris_ffn_population_matches_train_one():
