@@ -54,6 +54,7 @@ class ZooReport:
     rows: int = 0
     problems: list[Problem] = field(default_factory=list)
     warnings: list[Problem] = field(default_factory=list)
+    repair: str = ""  # how to rewrite the bad shards when it is not the generate command
 
     @property
     def ok(self) -> bool:
@@ -74,9 +75,9 @@ class ZooReport:
             lines.append("OK: every planned shard is present, matches its checksum, and every (model, epoch) row "
                          "exists exactly once.")
         else:
+            repair = self.repair or f"'raysys zoo generate CONFIG --out {self.root}' with the zoo's config"
             lines.append(f"{len(self.problems)} problem(s) in shards {self.bad_shards or '-'}. Fix: rerun "
-                         f"'raysys zoo generate CONFIG --out {self.root}' with the zoo's config; it rewrites the "
-                         f"bad shards and keeps the intact ones.")
+                         f"{repair}; it rewrites the bad shards and keeps the intact ones.")
         return "\n".join(lines)
 
 
@@ -107,6 +108,9 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
     zoo = open_zoo(root, check=False)  # the schema check is part of this report
     manifest, shard_dir = zoo.manifest, root / SHARDS
     report = ZooReport(root)
+    aligned = manifest.get("aligned")
+    if isinstance(aligned, dict):  # an aligned copy is repaired by aligning again, not by generating
+        report.repair = f"'raysys zoo align {aligned.get('source', 'SRC')} --out {root}' with the same options"
     try:
         num_params = zoo.num_params
     except (KeyError, TypeError, ValueError) as err:

@@ -387,10 +387,14 @@ def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
                               f"Choose a new --out directory (or an empty one).")
         return False
     try:
-        old = ZooConfig.model_validate(json.loads(path.read_text())["config"])
+        manifest = json.loads(path.read_text())
+        old = ZooConfig.model_validate(manifest["config"])
     except Exception:
         raise RaysysError(f"{path} is not a manifest written by this raysys version. "
                           f"Choose a new --out directory.") from None
+    if manifest.get("aligned"):  # its config is its source's; regenerating would mix in unaligned shards
+        raise RaysysError(f"{out_dir} holds an aligned copy of {manifest['aligned'].get('source')} made by "
+                          f"'raysys zoo align', not a generated zoo. Choose a new --out directory.")
     before, now = identity(old), identity(config)
     if before != now:
         diff = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(before) | set(now))
@@ -690,6 +694,8 @@ def register(subparsers) -> None:
     i.add_argument("dir")
     i.set_defaults(func=_cmd_info)
 
+    from raysys.align import register_align
     from raysys.integrity import register_verify
 
     register_verify(sub)
+    register_align(sub)

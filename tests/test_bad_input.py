@@ -80,6 +80,9 @@ def world(tmp_path_factory):
                                                    for _ in range(EPOCHS + 1)])
     nan = [np.full_like(w, np.nan) for w in states]
     _write_zoo(root / "diverged_zoo", "tetris_ffn", tetris, nan)
+    resnet = architectures.layout_of("resnet18", 3, 10)  # a manifest is enough: align refuses before reading shards
+    ZooWriter(root / "resnet_zoo").write_manifest({"name": "r", "arch": "resnet18", "layout": resnet.to_dict(),
+                                                   "config": {}, "epochs": EPOCHS, "shards": []})
     (root / "empty").mkdir()
     (root / "a_file").write_text("not a directory\n")
     return root
@@ -191,6 +194,16 @@ CASES = [
          ("diverged",)),
     Case("zoo_info_not_a_zoo", lambda w, d: ["zoo", "info", str(w / "empty")], ("not a zoo", "raysys zoo generate")),
     Case("zoo_verify_not_a_directory", lambda w, d: ["zoo", "verify", str(w / "a_file")], ("not a directory", "zoo directory")),
+    Case("align_source_not_a_zoo", lambda w, d: ["zoo", "align", str(w / "empty"), "--out", str(d / "out")],
+         ("not a zoo", "raysys zoo generate")),
+    Case("align_source_is_a_file", lambda w, d: ["zoo", "align", str(w / "a_file"), "--out", str(d / "out")],
+         ("not a directory", "zoo directory")),
+    Case("align_output_is_a_file", lambda w, d: ["zoo", "align", str(w / "zoo"), "--out", str(w / "a_file")],
+         ("is a file", "directory")),
+    Case("align_residual_architecture", lambda w, d: ["zoo", "align", str(w / "resnet_zoo"), "--out", str(d / "out")],
+         ("resnet18", "not a plain chain", "cnn_s")),
+    Case("align_zero_rounds", lambda w, d: ["zoo", "align", str(w / "zoo"), "--out", str(d / "out"), "--rounds", "0"],
+         ("rounds", "greater than or equal to 1")),
     Case("dataset_root_missing", zoo_gen({**ZOO, "dataset": {"name": "mnist", "root": "/nonexistent/raysys-data"}}),
          ("/nonexistent/raysys-data",)),
     Case("weights_file_missing", lambda w, d: ["finetune", config_file(d, "pop.yaml", POPULATIONS), "--zoo", str(w / "zoo"),

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raysys import architectures
+from raysys import align, architectures
 from raysys.config import RaysysError
 from raysys.populations import novelty
 
@@ -30,7 +30,7 @@ def random_perms(layout, seed):
 @pytest.mark.parametrize("arch", ["tetris_ffn", "cnn_s"])
 def test_permutation_preserves_function(arch):
     W, layout = population(arch, 1, num_classes=4 if arch == "tetris_ffn" else 10)
-    Wp = novelty.permute_units(W[0], layout, random_perms(layout, 1))
+    Wp = align.permute_units(W[0], layout, random_perms(layout, 1))
     x = torch.rand(16, 1, layout.image_size, layout.image_size)
     a = architectures.unflatten(torch.as_tensor(W[0]), architectures.build(arch, "tanh", 0, 1, layout.num_classes))
     b = architectures.unflatten(Wp, architectures.build(arch, "tanh", 0, 1, layout.num_classes))
@@ -43,7 +43,7 @@ def test_permutation_preserves_function(arch):
 def test_aligned_distance_of_permuted_copy_is_zero(seed, which):
     """cnn_s: conv->conv->conv->flatten(blocks of 9 columns per channel)->fc->fc."""
     W, layout = population("cnn_s", 8, seed=seed % 1000)
-    copy = novelty.permute_units(W[which], layout, random_perms(layout, seed)).numpy()
+    copy = align.permute_units(W[which], layout, random_perms(layout, seed)).numpy()
     near = novelty.nearest(copy[None], W, layout, align=True)
     assert near["raw"][0] > 1.0  # a permuted copy looks far away in raw weight space
     assert near["aligned"][0] < 1e-4
@@ -52,7 +52,7 @@ def test_aligned_distance_of_permuted_copy_is_zero(seed, which):
 
 def test_copied_training_model_has_zero_novelty_and_full_agreement(digits):
     W, layout = population("cnn_s", 6, seed=3)
-    gen = np.stack([W[2], novelty.permute_units(W[4], layout, random_perms(layout, 9)).numpy()])
+    gen = np.stack([W[2], align.permute_units(W[4], layout, random_perms(layout, 9)).numpy()])
     res = novelty.novelty(gen, W, layout, digits.x_test[:200], "tanh")
     per = res["per_model"]
     assert per["nearest_raw"][0] == pytest.approx(0.0, abs=1e-5)
@@ -92,7 +92,7 @@ def test_pairwise_diversity_counts_and_zero_for_clones():
 def test_non_chain_and_mismatched_shapes_are_clear_errors():
     layout = architectures.layout_of("resnet18", 3, 10)
     with pytest.raises(RaysysError, match="align=False"):
-        novelty.align_to(np.zeros(layout.num_params), np.zeros((1, layout.num_params)), layout)
+        align.align_to(np.zeros(layout.num_params), np.zeros((1, layout.num_params)), layout)
     W, lay = population("tetris_ffn", 2, num_classes=4)
     with pytest.raises(RaysysError, match="same architecture"):
         novelty.nearest(W, np.zeros((3, 50)), lay)

@@ -9,133 +9,17 @@ accuracy we report sits beside:
 * the prediction agreement with that nearest model on test inputs;
 * the diversity of the population: mean and spread of pairwise distances.
 
-Alignment is weight matching (Ainsworth et al. 2023) done greedily forward through the chain:
-for each hidden layer, after the previous layer's permutation is applied to this layer's inputs,
-match units by the squared distance of their incoming weights and bias, solved exactly with
-``scipy.optimize.linear_sum_assignment``. A conv->flatten->fc boundary moves whole blocks of fc
-columns (``Layer.in_block``). The output layer is never permuted (its units are the classes).
+Alignment is weight matching of hidden units (:mod:`raysys.align`, shared with ``raysys zoo align``).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from raysys import architectures
+from raysys.align import aligned_distances
 from raysys.architectures import Layout
 from raysys.config import RaysysError
-
-
-def _split(W: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
-    return architectures.split_vector(W, layout)
-
-
-def _expand_cols(perm: torch.Tensor, block: int) -> torch.Tensor:
-    """Channel permutation [M, C] -> column permutation [M, C*block] of a flattened conv output."""
-    if block == 1:
-        return perm
-    ar = torch.arange(block, device=perm.device)
-    return (perm[..., :, None] * block + ar).reshape(*perm.shape[:-1], -1)
-
-
-def _permute_inputs(w: torch.Tensor, perm: torch.Tensor, block: int) -> torch.Tensor:
-    """Reorder dim 2 (the inputs) of batched weights [M, out, in, *k] by perm [M, in//block]."""
-    cols = _expand_cols(perm, block)
-    idx = cols[:, None, :].expand(w.shape[0], w.shape[1], cols.shape[1])
-    idx = idx.reshape(*idx.shape, *([1] * (w.dim() - 3))).expand(w.shape)
-    return torch.gather(w, 2, idx)
-
-
-def _permute_outputs(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    idx = perm.reshape(*perm.shape, *([1] * (t.dim() - 2))).expand(t.shape)
-    return torch.gather(t, 1, idx)
-
-
-def permute_units(W, layout: Layout, perms: list) -> torch.Tensor:
-    """Apply hidden-unit permutations (one per hidden layer) to flat weights [N, P] or [P].
-
-    ``perms[l][i]`` is the old index of new unit i. The result computes the same function.
-    """
-    _check_chain(layout)
-    W = torch.as_tensor(W, dtype=torch.float32)
-    single = W.dim() == 1
-    W = W[None] if single else W
-    parts = {k: v.clone() for k, v in _split(W, layout).items()}
-    prev = None
-    for l, layer in enumerate(layout.layers):
-        w = parts[layer.weight]
-        if prev is not None:
-            w = _permute_inputs(w, prev.expand(w.shape[0], -1), layer.in_block)
-        if l < len(layout.layers) - 1:
-            p = torch.as_tensor(np.asarray(perms[l]), dtype=torch.long)[None].expand(w.shape[0], -1)
-            w = _permute_outputs(w, p)
-            if layer.bias is not None:
-                parts[layer.bias] = _permute_outputs(parts[layer.bias], p)
-            prev = p[:1]
-        parts[layer.weight] = w
-    out = architectures.join_tensors(parts, layout)
-    return out[0] if single else out
-
-
-def _check_chain(layout: Layout) -> None:
-    if not layout.chain:
-        raise RaysysError(f"permutation alignment needs a plain chain of layers; {layout.arch} is not one. "
-                          f"Use raw distances (align=False) for this architecture.")
-
-
-def align_to(w, references, layout: Layout) -> torch.Tensor:
-    """Permute the hidden units of one model ``w`` [P] to best match each of ``references`` [M, P].
-
-    Returns [M, P]: row m is ``w`` aligned to reference m (same function as ``w``).
-    """
-    R = torch.as_tensor(references, dtype=torch.float32)
-    parts, _ = _align(torch.as_tensor(w, dtype=torch.float32), _split(R, layout), layout)
-    return architectures.join_tensors(parts, layout)
-
-
-def aligned_distances(w, ref_parts: dict[str, torch.Tensor], layout: Layout) -> np.ndarray:
-    """L2 distance [M] between ``w`` aligned to each reference and that reference.
-
-    ``ref_parts`` is ``split_vector(references, layout)``, split once for many calls.
-    """
-    _, sq = _align(torch.as_tensor(w, dtype=torch.float32), ref_parts, layout)
-    return np.sqrt(np.maximum(sq, 0.0))
-
-
-def _align(w: torch.Tensor, r_parts: dict[str, torch.Tensor], layout: Layout):
-    _check_chain(layout)
-    M = next(iter(r_parts.values())).shape[0]
-    a_parts = _split(w[None], layout)
-    out, sq = {}, np.zeros(M)
-
-    def add(name, t):
-        out[name] = t
-        sq[:] += (t - r_parts[name]).pow(2).reshape(M, -1).sum(1).double().numpy()
-
-    prev = None
-    last = len(layout.layers) - 1
-    for l, layer in enumerate(layout.layers):
-        wa = a_parts[layer.weight].expand(M, *a_parts[layer.weight].shape[1:])
-        ba = a_parts[layer.bias].expand(M, -1) if layer.bias is not None else None
-        if prev is not None:
-            wa = _permute_inputs(wa, prev, layer.in_block)
-        if l < last:
-            # cost[m, i, j]: squared distance between reference unit i and our unit j.
-            cost = torch.cdist(r_parts[layer.weight].reshape(M, layer.out_units, -1),
-                               wa.reshape(M, layer.out_units, -1)).pow(2)
-            if ba is not None:
-                cost += (r_parts[layer.bias][:, :, None] - ba[:, None, :]).pow(2)
-            cost = cost.numpy()
-            perm = np.empty((M, layer.out_units), dtype=np.int64)
-            for m in range(M):
-                _, perm[m] = linear_sum_assignment(cost[m])
-            prev = torch.from_numpy(perm)
-            wa = _permute_outputs(wa, prev)
-            ba = _permute_outputs(ba, prev) if ba is not None else None
-        add(layer.weight, wa)
-        if ba is not None:
-            add(layer.bias, ba)
-    return out, sq
 
 
 def nearest(W, references, layout: Layout | None = None, align: bool = True) -> dict[str, np.ndarray]:
@@ -153,7 +37,7 @@ def nearest(W, references, layout: Layout | None = None, align: bool = True) -> 
     out = {"raw": d.min(1).values.numpy(), "raw_index": d.argmin(1).numpy()}
     if align:
         aligned, idx = np.empty(len(W)), np.empty(len(W), np.int64)
-        r_parts = _split(R, layout)
+        r_parts = architectures.split_vector(R, layout)
         for i in range(len(W)):
             dist = aligned_distances(W[i], r_parts, layout)
             idx[i] = int(dist.argmin())
@@ -171,7 +55,7 @@ def pairwise(W, layout: Layout | None = None, align: bool = False) -> np.ndarray
         return torch.pdist(W.double()).numpy()
     parts = []
     for i in range(len(W) - 1):
-        parts.append(aligned_distances(W[i], _split(W[i + 1:], layout), layout))
+        parts.append(aligned_distances(W[i], architectures.split_vector(W[i + 1:], layout), layout))
     return np.concatenate(parts)
 
 
