@@ -307,11 +307,10 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     with the same bytes as an uninterrupted run. Returns a summary: shards written/skipped, states
     aligned, and the mean L2 distance to the template before and after alignment.
     """
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from raysys.integrity import _planned, check_output_dir
-    from raysys.store import SHARDS, ZooWriter, open_zoo, weights_numpy
+    from raysys.store import SHARDS, ZooWriter, open_zoo, weights_column, weights_numpy
     from raysys.zoo import _clean_partial_files
 
     t0 = time.time()
@@ -368,10 +367,8 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
             A = weights_numpy(done.column("weights"))
         else:
             A = _align_states(W, template, layout)
-            field = table.schema.field("weights")
-            storage = pa.FixedSizeListArray.from_arrays(pa.array(A.reshape(-1)), layout.num_params)
-            column = pa.ExtensionArray.from_storage(field.type, storage)
-            table = table.set_column(table.schema.get_field_index("weights"), field, column)
+            table = table.set_column(table.schema.get_field_index("weights"), table.schema.field("weights"),
+                                     weights_column(A))
             model_ids = s.get("model_ids") or sorted(set(table.column("model_id").to_pylist()))
             writer.write_shard(sid, table, model_ids)
             written += 1

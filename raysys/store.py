@@ -104,13 +104,11 @@ def rows_table(num_params: int, model_ids, epoch: int, splits, weights: np.ndarr
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     n = len(model_ids)
     finite = np.isfinite(weights).all(axis=1) & np.all([np.isfinite(metrics[m]) for m in ("train_loss",)], axis=0)
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), num_params)
-    tensor_type = pa.fixed_shape_tensor(pa.float32(), [num_params])
     cols = {
         "model_id": pa.array(np.asarray(model_ids, dtype=np.int64)),
         "epoch": pa.array(np.full(n, epoch, dtype=np.int32)),
         "split": pa.array(list(splits), pa.string()),
-        "weights": pa.ExtensionArray.from_storage(tensor_type, storage),
+        "weights": weights_column(weights),
         **{m: pa.array(np.asarray(metrics[m], dtype=np.float64)) for m in METRICS},
         **{k: pa.array([h[k] for h in hparams], t) for k, t in HYPERPARAMETERS.items()},
         "diverged": pa.array(~finite),
@@ -213,6 +211,13 @@ class Zoo:
         t = self.table(None, epochs, splits)
         w = weights_numpy(t.column("weights"))
         return w, t.drop_columns(["weights"]).to_pandas()
+
+
+def weights_column(weights: np.ndarray) -> pa.ExtensionArray:
+    """[N, P] weights -> the store's ``fixed_shape_tensor`` float32 column (the inverse of :func:`weights_numpy`)."""
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    storage = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), weights.shape[1])
+    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), [weights.shape[1]]), storage)
 
 
 def weights_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
