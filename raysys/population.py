@@ -147,11 +147,7 @@ class _Tanh(torch.autograd.Function):
 
 
 def _tanh(x: torch.Tensor) -> torch.Tensor:
-    if x.device.type != "cpu":
-        return torch.tanh(x)
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _Tanh.apply(x)
-    return x.mul(2).sigmoid_().mul_(2).sub_(1)
+    return _Tanh.apply(x) if x.device.type == "cpu" else torch.tanh(x)
 
 
 def _tanh_(x: torch.Tensor) -> torch.Tensor:
@@ -181,7 +177,7 @@ class _ConvPool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, models: int, k: int, slice_images: int):
-        o, c, kh, kw = w.shape[0] // models, w.shape[1], w.shape[2], w.shape[3]
+        c, kh, kw = w.shape[1:]
         wk = w if k == 1 else _to_blocks(w, models, k)
         ho, wo = x.shape[2] - kh + 1, x.shape[3] - kw + 1
         pooled = torch.empty((x.shape[0], w.shape[0], ho // 2, wo // 2), dtype=x.dtype, device=x.device,
