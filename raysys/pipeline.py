@@ -386,14 +386,26 @@ def write_report(config: PipelineConfig, out: Path, hashes: dict, runs: dict) ->
     report = {"name": config.name, "raysys_version": __version__, "out_dir": str(out), "hashes": hashes,
               "zoo": zoo_summary, "hyperrep": hyperrep,
               "hyperrep_eval": None if evaluation is None else {
-                  "reconstruction_r2": evaluation["reconstruction"]["r2"], "accuracy": evaluation["accuracy"],
-                  "probes": evaluation["probes"]},
+                  "reconstruction_r2": evaluation["reconstruction"]["r2"],
+                  "reconstruction_r2_ref": evaluation["reconstruction"].get("r2_ref"),
+                  "yardsticks": _yardsticks(evaluation), "beats_pca": evaluation.get("beats_pca"),
+                  "verdict": evaluation.get("verdict"), "zoo_aligned": evaluation.get("zoo_aligned"),
+                  "accuracy": evaluation["accuracy"], "probes": evaluation["probes"]},
               "populations": {"num_models": results["num_models"], "budgets": results["budgets"],
                               "accuracy": accuracy, "skipped": results.get("skipped", [])},
               "figures": figures}
     atomic_write_bytes(out / "report.md", markdown(report, pop_report.markdown(results, tables)).encode())
     atomic_write_json(out / "report.json", report)
     return report
+
+
+def _yardsticks(evaluation: dict) -> dict | None:
+    """The headline numbers of eval.json's reconstruction yardsticks (None for an older eval.json)."""
+    sticks = evaluation["reconstruction"].get("yardsticks")
+    if not sticks:
+        return None
+    return {"pca_k": sticks["pca"]["k"], "pca_r2": sticks["pca"]["r2"], "pca_r2_ref": sticks["pca"]["r2_ref"],
+            "mean_r2": sticks["mean"]["r2"], "fit_epochs": sticks["fit"]["epochs"], "fit_rows": sticks["fit"]["rows"]}
 
 
 def markdown(report: dict, populations_md: str) -> str:
@@ -413,9 +425,21 @@ def markdown(report: dict, populations_md: str) -> str:
                      f"test R² {h.get('test_r2', float('nan')):.3f}.")
     if e:
         acc = e["accuracy"]
-        lines += ["", f"Reconstruction R² on the test split: {e['reconstruction_r2']:.3f}. Decoded models reach "
+        num = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"  # noqa: E731
+        lines += ["", f"Reconstruction R² on the test split: {num(e['reconstruction_r2'])}. Decoded models reach "
                       f"{100 * acc['decoded']['mean']:.1f} % test accuracy where the originals reach "
                       f"{100 * acc['original']['mean']:.1f} % (chance {100 * acc['chance']:.0f} %)."]
+        y = e.get("yardsticks")
+        if y:
+            k = y["pca_k"]
+            lines += ["", f"Yardsticks, fit on the training split's states at epochs {y['fit_epochs'][0]}.."
+                          f"{y['fit_epochs'][-1]} ({y['fit_rows']} states): PCA-{k} test R² {num(y['pca_r2'])}, "
+                          f"train-mean predictor {num(y['mean_r2'])}. In the reference convention (SS_tot around "
+                          f"the train mean) the autoencoder scores {num(e.get('reconstruction_r2_ref'))}, PCA-{k} "
+                          f"{num(y['pca_r2_ref'])}. PCA-{k} reconstructions reach {100 * acc['pca']['mean']:.1f} % "
+                          f"test accuracy, the train-mean model {100 * acc['mean_model']['mean']:.1f} % "
+                          f"(zoo {'' if e.get('zoo_aligned') else 'not '}aligned).",
+                      "", f"**{e['verdict'][0].upper()}{e['verdict'][1:]}.**"]
     lines += [""]
     body = populations_md.splitlines()
     body = body[1:] if body and body[0].startswith("# ") else body  # its title names the zoo directory

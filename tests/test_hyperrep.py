@@ -227,6 +227,21 @@ def test_save_load_gives_identical_outputs(tmp_path):
         HyperRepresentation.load(tmp_path)
 
 
+@pytest.mark.parametrize("d_model,latent", [(16, 8), (16, 40)])
+def test_latent_has_full_rank_even_when_wider_than_a_token(d_model, latent):
+    """z is a linear map of the compression tokens' outputs: with one d_model-wide token its rank would be
+    capped at d_model, so a latent wider than d_model gets ceil(latent / d_model) compression tokens."""
+    cfg = validate(HyperRepConfig, {"model": {"d_model": d_model, "heads": 2, "layers": 1, "ff": 32,
+                                              "latent_dim": latent, "dropout": 0.0, "projection_dim": 8}})
+    torch.manual_seed(0)
+    model = HyperRepresentation(cfg, layout_of("tetris_ffn", 1, 4))
+    assert model.num_compression == -(-latent // d_model)
+    w = torch.randn(200, 100)
+    z = model.encode(w).double()
+    pre = torch.atanh(z.clamp(-1 + 1e-9, 1 - 1e-9))  # undo tanh: the rank of the linear part
+    assert torch.linalg.matrix_rank(pre - pre.mean(0), rtol=1e-6).item() == latent
+
+
 def test_wrong_architecture_is_refused():
     model = HyperRepresentation(validate(HyperRepConfig, TINY), layout_of("cnn_s", 1, 10))
     with pytest.raises(RaysysError, match="'tetris_ffn' models .* trained on 'cnn_s'"):
@@ -308,6 +323,21 @@ def make_zoo_like_cnn(root: Path) -> Path:
 
     ZooWriter(root).write_manifest({"layout": layout_of("cnn_s", 1, 10).to_dict(), "arch": "cnn_s"})
     return root
+
+
+def test_autoencoder_overfits_a_tiny_zoo(tiny_zoo, tmp_path, mlflow_uri):
+    """A learner that cannot memorize 14 training models (42 states) with augmentation off is broken,
+    whatever it does on unseen models: train R^2 must reach 0.99 (the mean predictor scores 0)."""
+    from raysys.hyperrep.train import train
+
+    cfg = validate(HyperRepConfig, {"model": {**TINY["model"], "d_model": 64, "ff": 128, "latent_dim": 16},
+                                    "loss": {"beta": 1.0},
+                                    "augment": {"permute": False, "erase_p": 0.0},
+                                    "train": {"epochs": 120, "batch_size": 6, "lr": 3e-3, "epoch_window": [2, 4],
+                                              "keep": "last", "threads": 1}})
+    summary = train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, progress=False)
+    assert summary["train"] == 42
+    assert summary["train_r2"] >= 0.99, summary
 
 
 def test_training_refuses_missing_epochs(tiny_zoo, tmp_path):

@@ -53,6 +53,8 @@ class TrainConfig(Config):
     weight_decay: float = Field(1e-5, ge=0.0)
     schedule: Literal["cosine", "plateau"] = "cosine"
     patience: int = Field(30, gt=0, description="stop after this many epochs without a better validation reconstruction")
+    keep: Literal["best", "last"] = Field("best", description="checkpoint kept: 'best' validation reconstruction "
+                                          "(with early stopping after `patience`), or the 'last' epoch (no early stopping)")
     epoch_window: tuple[int, int] = Field((21, 25), description="zoo epochs used as training data, inclusive")
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -4,9 +4,13 @@ Four questions, answered on the zoo's test split (models the autoencoder never s
 
 1. How well are weights reconstructed?  R² = 1 − SSE/SST over the test models' flat weights,
    SST taken around each parameter's mean over those models (scikit-learn's variance-weighted
-   R²), overall, per layer and per tensor.
+   R²), overall, per layer and per tensor; also R²_ref, the reference codebase's convention
+   (SST around the *training* split's mean). Beside them, honest yardsticks fit on the training
+   split's states in the autoencoder's epoch window: the train-mean predictor and PCA with
+   k = latent_dim components, scored the same ways, and a verdict whether the autoencoder beats PCA-k.
 2. Do decoded models still work?  Test accuracy of decoded vs original models on the zoo's own
-   image dataset, and the fraction of decoded models near chance (the failure LWLN fixes).
+   image dataset, and the fraction of decoded models near chance (the failure LWLN fixes), beside
+   PCA-k reconstructions and the "train-mean model" (the training states' mean weight vector).
 3. What does z know?  Linear probes on z vs raw weights W vs layer statistics s(W)
    (:mod:`raysys.probes`), plus out-of-distribution probes on a second zoo when given.
 4. What does the latent space look like?  PCA of z coloured by accuracy and hyperparameters.
@@ -41,23 +45,115 @@ EXPERIMENT = "raysys-hyperrep-eval"
 
 # --- weights and representations ------------------------------------------------------------
 
-def reconstruction_r2(original: np.ndarray, decoded: np.ndarray, layout: Layout) -> dict:
-    """R² of decoded vs original flat weights [n, P]: overall, per layer (weight + bias), per tensor."""
+def r2(original: np.ndarray, decoded: np.ndarray) -> float:
+    """R² = 1 − SSE/SST with SST around each column's own mean over these rows (the split-own-mean
+    convention): scikit-learn's variance-weighted multi-output R². NaN when every column is constant."""
+    from sklearn.metrics import r2_score
+
+    original = np.asarray(original, np.float64)
+    if not np.any(np.ptp(original, axis=0) > 0):
+        return float("nan")
+    return float(r2_score(original, np.asarray(decoded, np.float64), multioutput="variance_weighted"))
+
+
+def r2_ref(original: np.ndarray, decoded: np.ndarray, train_mean: np.ndarray) -> float:
+    """The reference codebase's R²: 1 − MSE(decoded) / MSE of predicting ``train_mean`` for every row,
+    i.e. SS_tot around the *training* split's mean, not around these rows' own mean."""
+    from sklearn.metrics import mean_squared_error
+
+    original = np.asarray(original, np.float64)
+    base = mean_squared_error(original, np.broadcast_to(np.asarray(train_mean, np.float64), original.shape))
+    if not base > 0:
+        return float("nan")
+    return float(1.0 - mean_squared_error(original, np.asarray(decoded, np.float64)) / base)
+
+
+def _spans(layout: Layout) -> tuple[dict, dict]:
+    """({tensor: columns}, {layer: columns (weight + bias)}) of the flat weight vector."""
+    tensors = {t.name: np.arange(t.offset, t.offset + t.numel) for t in layout.tensors}
+    layers = {l.name: np.concatenate([tensors[n] for n in (l.weight, l.bias) if n]) for l in layout.layers}
+    return tensors, layers
+
+
+def reconstruction_r2(original: np.ndarray, decoded: np.ndarray, layout: Layout, train_mean=None) -> dict:
+    """R² of decoded vs original flat weights [n, P]: overall, per layer (weight + bias), per tensor.
+
+    Without ``train_mean``: :func:`r2` (split-own mean). With it: :func:`r2_ref` around that mean."""
     original, decoded = np.asarray(original, np.float64), np.asarray(decoded, np.float64)
+    mu = None if train_mean is None else np.asarray(train_mean, np.float64)
 
-    def r2(cols) -> float:
-        o, d = original[:, cols], decoded[:, cols]
-        sst = np.sum((o - o.mean(axis=0)) ** 2)
-        return float(1.0 - np.sum((o - d) ** 2) / sst) if sst > 0 else float("nan")
+    def block(c):
+        o, d = original[:, c], decoded[:, c]
+        return r2(o, d) if mu is None else r2_ref(o, d, mu[c])
 
-    def span(name):
-        t = layout.tensor(name)
-        return np.arange(t.offset, t.offset + t.numel)
+    per_tensor, per_layer = _spans(layout)
+    return {"overall": block(slice(None)), "per_layer": {k: block(c) for k, c in per_layer.items()},
+            "per_tensor": {k: block(c) for k, c in per_tensor.items()}}
 
-    per_tensor = {t.name: r2(span(t.name)) for t in layout.tensors}
-    per_layer = {l.name: r2(np.concatenate([span(n) for n in (l.weight, l.bias) if n]))
-                 for l in layout.layers}
-    return {"overall": r2(slice(None)), "per_layer": per_layer, "per_tensor": per_tensor}
+
+def yardsticks(w_train: np.ndarray, w_test: np.ndarray, layout: Layout, k: int, seed: int = 0) -> tuple[dict, dict]:
+    """Reconstruction baselines an autoencoder has to beat, fit on ``w_train`` and scored on ``w_test``.
+
+    * the mean predictor: the training split's mean vector for every test model;
+    * PCA-k: scikit-learn's PCA with ``k`` components (capped at the rank the training rows allow),
+      fit on the training rows, test rows projected and reconstructed.
+
+    Both get :func:`reconstruction_r2` (split-own mean) and the reference convention :func:`r2_ref`
+    (SS_tot around the training mean). Returns (numbers, {"mean": mean vector, "pca": reconstructions}).
+    """
+    from sklearn.decomposition import PCA
+
+    w_train, w_test = np.asarray(w_train, np.float64), np.asarray(w_test, np.float64)
+    mu = w_train.mean(axis=0)
+    k_used = int(min(k, len(w_train), w_train.shape[1]))
+    pca = PCA(n_components=k_used, random_state=seed).fit(w_train)
+    w_pca = pca.inverse_transform(pca.transform(w_test))
+    mean_pred = np.broadcast_to(mu, w_test.shape)
+    numbers = {"mean": {}, "pca": {"k": k_used, "k_requested": int(k),
+                                   "explained_variance_train": float(np.sum(pca.explained_variance_ratio_))}}
+    for name, pred in (("mean", mean_pred), ("pca", w_pca)):
+        own, ref = reconstruction_r2(w_test, pred, layout), reconstruction_r2(w_test, pred, layout, train_mean=mu)
+        numbers[name].update(r2=own["overall"], r2_per_layer=own["per_layer"], r2_ref=ref["overall"],
+                             r2_ref_per_layer=ref["per_layer"])
+        if name == "pca":
+            numbers[name]["r2_per_tensor"] = own["per_tensor"]
+    return numbers, {"mean": mu, "pca": w_pca}
+
+
+def baselines(zoo_dir, ks=(8, 16, 32, 64), window: tuple[int, int] = (21, 25)) -> dict:
+    """What an autoencoder with a k-dim latent has to beat on a zoo, before training one.
+
+    Fit on the training split's states in ``window`` (the autoencoder's ``train.epoch_window``) and scored on
+    the test split's: the train-mean predictor, PCA-k for every k, and the nearest training state (the test
+    state's closest training row in L2: what a generator that only memorizes could reach). R² as in
+    :func:`reconstruction_r2` (split-own mean) and :func:`r2_ref` (SS_tot around the training mean).
+    """
+    from raysys.hyperrep.train import load_window
+
+    zoo = open_zoo(zoo_dir)
+    data = load_window(zoo, window)
+    train, test = data["train"].double().numpy(), data["test"].double().numpy()
+    if len(test) == 0:
+        raise RaysysError(f"zoo {zoo_dir} has no test-split states in epochs {window[0]}-{window[1]}: "
+                          f"pick a --window the zoo has.")
+    mu = train.mean(axis=0)
+    rows = []
+    for k in ks:
+        numbers, _ = yardsticks(train, test, zoo.layout, k)
+        rows.append({"baseline": f"PCA-{numbers['pca']['k']}", "k": numbers["pca"]["k"],
+                     "r2": numbers["pca"]["r2"], "r2_ref": numbers["pca"]["r2_ref"],
+                     "explained_variance_train": numbers["pca"]["explained_variance_train"]})
+    mean = numbers["mean"]
+    rows.insert(0, {"baseline": "train-mean predictor", "k": 0, "r2": mean["r2"], "r2_ref": mean["r2_ref"]})
+    nearest = np.empty_like(test)
+    for i in range(0, len(test), 256):  # blocks keep the distance matrix small
+        d = ((test[i:i + 256, None, :] - train[None]) ** 2).sum(-1)
+        nearest[i:i + 256] = train[d.argmin(1)]
+    rows.append({"baseline": "nearest training state", "k": None, "r2": r2(test, nearest),
+                 "r2_ref": r2_ref(test, nearest, mu)})
+    return {"zoo": str(Path(zoo_dir).resolve()), "window": list(window), "rows_train": len(train),
+            "rows_test": len(test), "num_params": zoo.num_params,
+            "aligned": bool(zoo.manifest.get("aligned")), "baselines": rows}
 
 
 def encode(hr, weights: np.ndarray) -> np.ndarray:
@@ -256,11 +352,24 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
     w_hat = decode(hr, encode(hr, w_test))
     recon = reconstruction_r2(w_test, w_hat, layout)
 
+    # 1b. yardsticks: the train-split mean and PCA-k (k = latent_dim), fit on the states the autoencoder trained on
+    fit = _fit_rows(hr, zoo, epochs)
+    sticks, preds = yardsticks(fit.pop("weights"), w_test, layout, hr.config.model.latent_dim)
+    recon_ref = reconstruction_r2(w_test, w_hat, layout, train_mean=preds["mean"])
+    verdict = _verdict(recon["overall"], sticks)
+
     # 2. decoded models on the zoo's images
     data = zoo_dataset(zoo.manifest, data_root)
-    acc_orig = accuracies(layout, w_test, f_test["activation"], data)
-    acc_dec = accuracies(layout, w_hat, f_test["activation"], data)
+    acts = f_test["activation"]
+    acc_orig = accuracies(layout, w_test, acts, data)
+    acc_dec = accuracies(layout, w_hat, acts, data)
+    acc_pca = accuracies(layout, preds["pca"].astype(np.float32), acts, data)
+    levels = sorted(set(acts))  # the mean model once per activation function, then per test row
+    by_act = dict(zip(levels, accuracies(layout, np.tile(preds["mean"].astype(np.float32), (len(levels), 1)),
+                                         levels, data)))
+    acc_mean = np.array([by_act[a] for a in acts])
     chance = 1.0 / layout.num_classes
+    aligned = zoo.manifest.get("aligned")
 
     # 3. probes on z vs W vs s(W)
     stored = sorted(int(e) for e in zoo.frame()["epoch"].unique())
@@ -293,11 +402,19 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
     result = {
         "checkpoint": str(checkpoint_dir), "zoo": str(zoo_dir), "ood_zoo": None if ood_zoo is None else str(ood_zoo),
         "arch": layout.arch, "dataset": zoo.manifest["dataset"]["name"],
+        "zoo_aligned": aligned is not None,
+        "alignment": None if aligned is None else {k: aligned.get(k) for k in ("source", "template_epochs", "rounds")},
         "reconstruction": {"split": "test", "epochs": epochs, "rows": len(w_test), "r2": recon["overall"],
-                           "r2_per_layer": recon["per_layer"], "r2_per_tensor": recon["per_tensor"]},
+                           "r2_per_layer": recon["per_layer"], "r2_per_tensor": recon["per_tensor"],
+                           "r2_ref": recon_ref["overall"], "r2_ref_per_layer": recon_ref["per_layer"],
+                           "yardsticks": {"fit": fit, **sticks}},
+        **verdict,
         "accuracy": {"chance": chance, "near_chance_below": chance + NEAR_CHANCE, "rows": len(w_test),
                      "original": summarize(acc_orig, layout.num_classes),
                      "decoded": summarize(acc_dec, layout.num_classes),
+                     "pca": summarize(acc_pca, layout.num_classes),
+                     "mean_model": {**summarize(acc_mean, layout.num_classes), "per_activation": by_act,
+                                    "zoo_aligned": aligned is not None},
                      "stored_original_mean": float(f_test["test_acc"].mean())},
         "probes": {"epochs": probe_epochs, "rows": {s: len(f) for s, f in frames.items()},
                    **_probe_summary(table)},
@@ -306,12 +423,44 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
     }
     atomic_write_bytes(out / "probes.csv", table.to_csv(index=False).encode())
     per_model = f_test[["model_id", "epoch", "activation", "test_acc"]].rename(columns={"test_acc": "stored_test_acc"})
-    per_model = per_model.assign(original_test_acc=acc_orig, decoded_test_acc=acc_dec)
+    per_model = per_model.assign(original_test_acc=acc_orig, decoded_test_acc=acc_dec, pca_test_acc=acc_pca,
+                                 mean_model_test_acc=acc_mean)
     atomic_write_bytes(out / "accuracy.csv", per_model.to_csv(index=False).encode())
     atomic_write_json(out / "eval.json", jsonable(result))  # results survive an unreachable tracking server
     result["mlflow_run_id"] = _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out, figures)
     atomic_write_json(out / "eval.json", jsonable(result))
     return result
+
+
+def _fit_rows(hr, zoo, epochs) -> dict:
+    """The zoo's training-split states the yardsticks are fit on: the autoencoder's own training data
+    (``train.epoch_window``, finite and not diverged, as :func:`raysys.hyperrep.train.load_window`
+    selects them), or the training split at the evaluated epochs when the zoo lacks that window."""
+    first, last = hr.config.train.epoch_window
+    window = list(range(first, last + 1))
+    w, frame = _load_rows(zoo, window, ["train"])
+    source = "train.epoch_window"
+    if len(w) < 2:
+        w, frame = _load_rows(zoo, epochs, ["train"])
+        window, source = list(epochs), "evaluated epochs (the zoo lacks train.epoch_window)"
+    if len(w) < 2:
+        raise RaysysError(f"zoo {zoo.root} has {len(w)} usable training-split states at epochs {window}; the PCA and "
+                          f"mean-predictor yardsticks need at least 2. Evaluate on a zoo with a training split.")
+    return {"split": "train", "epochs": sorted(set(int(e) for e in frame["epoch"])), "rows": len(w),
+            "source": source, "weights": w}
+
+
+def _verdict(ae_r2: float, sticks: dict) -> dict:
+    """Does the autoencoder beat PCA-k (and the mean predictor) on test R²? A boolean and one sentence."""
+    k, pca_r2, mean_r2 = sticks["pca"]["k"], sticks["pca"]["r2"], sticks["mean"]["r2"]
+    finite = np.isfinite(ae_r2)
+    beats = bool(ae_r2 > pca_r2) if finite and np.isfinite(pca_r2) else None
+    beats_mean = bool(ae_r2 > mean_r2) if finite and np.isfinite(mean_r2) else None
+    where = {True: "above", False: "below" if ae_r2 < pca_r2 else "equal to", None: "not comparable with"}[beats]
+    text = f"autoencoder test R² {ae_r2:.3f} is {where} PCA-{k}'s {pca_r2:.3f}"
+    if beats_mean is not True:
+        text += f", and not above the train-mean predictor's {mean_r2:.3f}"
+    return {"beats_pca": beats, "beats_mean": beats_mean, "verdict": text}
 
 
 def _probe_summary(table: pd.DataFrame) -> dict:
@@ -340,7 +489,7 @@ def _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out: Path, fi
     client = MlflowClient(uri)
     exp_id = experiment_id(uri, EXPERIMENT)
     tags = {"raysys.stage": "hyperrep-eval", "raysys.checkpoint": str(Path(checkpoint_dir).resolve()),
-            "raysys.zoo": str(Path(zoo_dir).resolve())}
+            "raysys.zoo": str(Path(zoo_dir).resolve()), "raysys.verdict": result["verdict"]}
     source_run = _checkpoint_run_id(hr)
     if source_run:
         tags["raysys.checkpoint_run_id"] = source_run
@@ -348,12 +497,24 @@ def _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out: Path, fi
     rid = run.info.run_id
     try:
         params = flatten_params({"checkpoint": str(checkpoint_dir), "zoo": str(zoo_dir), "ood_zoo": str(result["ood_zoo"]),
-                                 "epochs": result["reconstruction"]["epochs"],
+                                 "epochs": result["reconstruction"]["epochs"], "zoo_aligned": result["zoo_aligned"],
+                                 "yardstick_fit_epochs": result["reconstruction"]["yardsticks"]["fit"]["epochs"],
                                  "probe_epochs": result["probes"]["epochs"]})
-        metrics = {"recon/r2": result["reconstruction"]["r2"]}
-        metrics.update({_metric_name("recon/r2", k): v for k, v in result["reconstruction"]["r2_per_tensor"].items()})
-        for which in ("original", "decoded"):
-            metrics.update({_metric_name("acc", which, k): v for k, v in result["accuracy"][which].items()})
+        rec, sticks = result["reconstruction"], result["reconstruction"]["yardsticks"]
+        metrics = {"recon/r2": rec["r2"], "recon/r2_ref": rec["r2_ref"],
+                   "recon/mean/r2": sticks["mean"]["r2"], "recon/mean/r2_ref": sticks["mean"]["r2_ref"],
+                   "recon/pca/r2": sticks["pca"]["r2"], "recon/pca/r2_ref": sticks["pca"]["r2_ref"],
+                   "recon/pca/k": sticks["pca"]["k"], "recon/pca/explained_variance_train":
+                   sticks["pca"]["explained_variance_train"]}
+        if result["beats_pca"] is not None:
+            metrics["recon/beats_pca"] = float(result["beats_pca"])
+        for prefix, numbers in (("", rec), ("pca", sticks["pca"]), ("mean", sticks["mean"])):
+            for key, level in (("r2", "r2_per_tensor"), ("r2_layer", "r2_per_layer")):
+                metrics.update({_metric_name("recon", *([prefix] if prefix else []), key, name): v
+                                for name, v in numbers.get(level, {}).items()})
+        for which in ("original", "decoded", "pca", "mean_model"):
+            metrics.update({_metric_name("acc", which, k): v for k, v in result["accuracy"][which].items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for metric in ("r2", "kendall_tau", "accuracy", "ood_r2", "ood_kendall_tau"):
             for target, by_features in result["probes"].get(metric, {}).items():
                 metrics.update({_metric_name("probe", metric, target, f): v for f, v in by_features.items()})
@@ -400,14 +561,38 @@ def _run_eval(args) -> int:
                       tracking_uri=args.tracking_uri, ood_zoo=args.ood_zoo,
                       epochs=_epochs_arg(args.epochs) if args.epochs else None,
                       probe_epochs=_epochs_arg(args.probe_epochs) if args.probe_epochs else None)
-    acc = result["accuracy"]
-    print(f"reconstruction R² (test, epochs {result['reconstruction']['epochs']}): {result['reconstruction']['r2']:.3f}")
+    acc, rec = result["accuracy"], result["reconstruction"]
+    sticks, k = rec["yardsticks"], rec["yardsticks"]["pca"]["k"]
+    print(f"reconstruction R² (test, epochs {rec['epochs']}): {_num(rec['r2'])} "
+          f"[PCA-{k} {_num(sticks['pca']['r2'])}, train-mean predictor {_num(sticks['mean']['r2'])}]; "
+          f"R²_ref (SS_tot around the train mean): {_num(rec['r2_ref'])} [PCA-{k} {_num(sticks['pca']['r2_ref'])}]")
+    print(result["verdict"])
     print(f"test accuracy original {acc['original']['mean']:.3f} ± {acc['original']['std']:.3f}, "
           f"decoded {acc['decoded']['mean']:.3f} ± {acc['decoded']['std']:.3f} "
-          f"({100 * acc['decoded']['near_chance']:.0f}% near chance)")
+          f"({100 * acc['decoded']['near_chance']:.0f}% near chance), "
+          f"PCA-{k} reconstructions {acc['pca']['mean']:.3f}, train-mean model {acc['mean_model']['mean']:.3f} "
+          f"(zoo {'' if result['zoo_aligned'] else 'not '}aligned)")
     for target, by_features in result["probes"].get("r2", {}).items():
         print(f"probe R² {target:>13}: " + "  ".join(f"{f}={v:.3f}" for f, v in by_features.items()))
     print(f"wrote {Path(args.out) / 'eval.json'}")
+    return 0
+
+
+def _num(value) -> str:
+    return "nan" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+
+def _run_baselines(args) -> int:
+    result = baselines(args.zoo, tuple(args.k), tuple(args.window))
+    print(f"zoo {result['zoo']}: {result['rows_train']} training / {result['rows_test']} test states of "
+          f"{result['num_params']} parameters, epochs {result['window'][0]}-{result['window'][1]}"
+          f"{', aligned' if result['aligned'] else ''}")
+    print(f"{'baseline':<24} {'test R²':>8} {'R²_ref':>8}")
+    for row in result["baselines"]:
+        print(f"{row['baseline']:<24} {_num(row['r2']):>8} {_num(row['r2_ref']):>8}")
+    if args.out:
+        atomic_write_json(Path(args.out), jsonable(result))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -423,3 +608,12 @@ def register_eval(hyperrep_subparsers) -> None:
     p.add_argument("--epochs", default=None, help="zoo epochs to reconstruct, e.g. 21-25 (default: the training epochs)")
     p.add_argument("--probe-epochs", default=None, help="zoo epochs to probe, e.g. 1-25 (default: all after init)")
     p.set_defaults(func=_run_eval)
+
+    p = hyperrep_subparsers.add_parser("baselines", help="reconstruction baselines of a zoo (train-mean predictor, "
+                                       "PCA-k, nearest training state) that an autoencoder has to beat")
+    p.add_argument("zoo", help="zoo directory")
+    p.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64], help="PCA components (the latent sizes to compare)")
+    p.add_argument("--window", type=int, nargs=2, default=[21, 25], metavar=("FIRST", "LAST"),
+                   help="zoo epochs the autoencoder trains on (train.epoch_window)")
+    p.add_argument("--out", default=None, help="write the numbers to this JSON file")
+    p.set_defaults(func=_run_baselines)

@@ -1,8 +1,9 @@
 """The hyper-representation autoencoder (002 §3, 000 §2), top to bottom.
 
 weights [B, P] -> tokens [B, T, D] (one per neuron / kernel) -> per-layer linear embedding
-+ learned positions, compression token prepended -> transformer encoder -> compression token's
-output -> linear -> tanh = z [B, latent]. The decoder mirrors it: linear from z to the whole
++ learned positions, compression token(s) prepended -> transformer encoder -> the compression
+tokens' outputs, concatenated -> linear -> tanh = z [B, latent]. There are ceil(latent / d_model)
+compression tokens, so z can have full rank: one d_model-wide token would cap it at d_model. The decoder mirrors it: linear from z to the whole
 sequence, + positions, transformer, per-layer linear back to token weights -> [B, P].
 A small MLP projection head maps z to the space of the contrastive loss.
 """
@@ -38,9 +39,10 @@ class HyperRepresentation(nn.Module):
         # encoder
         self.embed = nn.ModuleList(nn.Linear(w, m.d_model) for w in widths)
         self.enc_pos = nn.Parameter(0.02 * torch.randn(1, T, m.d_model))
-        self.compression_token = nn.Parameter(0.02 * torch.randn(1, 1, m.d_model))
+        self.num_compression = -(-m.latent_dim // m.d_model)
+        self.compression_token = nn.Parameter(0.02 * torch.randn(1, self.num_compression, m.d_model))
         self.encoder = _transformer(m)
-        self.to_latent = nn.Linear(m.d_model, m.latent_dim)
+        self.to_latent = nn.Linear(self.num_compression * m.d_model, m.latent_dim)
         # decoder
         self.from_latent = nn.Linear(m.latent_dim, T * m.d_model)
         self.dec_pos = nn.Parameter(0.02 * torch.randn(1, T, m.d_model))
@@ -69,7 +71,7 @@ class HyperRepresentation(nn.Module):
         x = x + self.enc_pos
         x = torch.cat([self.compression_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.encoder(x)
-        return torch.tanh(self.to_latent(x[:, 0]))
+        return torch.tanh(self.to_latent(x[:, :self.num_compression].flatten(1)))
 
     def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, latent] -> [B, T, D] (padding entries zero)."""

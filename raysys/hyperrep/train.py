@@ -289,7 +289,7 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
             if not math.isfinite(metrics["train_loss"]):
                 raise RaysysError(f"training diverged at epoch {epoch} (loss {metrics['train_loss']}). "
                                   f"Lower train.lr (now {tc.lr}) and run again.")
-            if val["rec"] < best["val_rec"]:
+            if val["rec"] < best["val_rec"] or tc.keep == "last":
                 best = {"val_rec": val["rec"], "val_r2": val["r2"], "val_mse": val["mse"], "epoch": epoch}
                 best_state = copy.deepcopy(model.state_dict())
                 model.save(out_dir, {**meta, "epoch": epoch, "metrics": best})
@@ -318,9 +318,10 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
             raise RaysysError(f"validation reconstruction was never finite in {len(history)} epochs. "
                               f"Lower train.lr (now {tc.lr}) or check the zoo for diverged models.")
         model.load_state_dict(best_state)  # (a resumed best_state is on the CPU; load copies it over)
-        test = evaluate(model, data["test"])
-        summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "val_rec": best["val_rec"],
-                   "val_r2": best["val_r2"], "test_rec": test["rec"], "test_mse": test["mse"], "test_r2": test["r2"],
+        test, fit = evaluate(model, data["test"]), evaluate(model, data["train"])
+        summary = {"best_epoch": best["epoch"], "epochs_run": len(history), "train_r2": fit["r2"],
+                   "val_rec": best["val_rec"], "val_r2": best["val_r2"],
+                   "test_rec": test["rec"], "test_mse": test["mse"], "test_r2": test["r2"],
                    "train_seconds": spent + time.time() - t0, **meta["data"]}
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         model.save(out_dir, {**meta, "epoch": best["epoch"], "metrics": numbers})
