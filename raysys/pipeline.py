@@ -5,6 +5,7 @@
 Output directory::
 
     DIR/zoo/                 the model zoo (raysys zoo generate)            + stage.json
+    DIR/zoo_aligned/         its weight-matched copy (raysys zoo align), when ``align`` is set
     DIR/hyperrep/            autoencoder checkpoint, eval/ (probes, figures) + stage.json
     DIR/hyperrep_nolwln/     the same without LWLN, for the B_KDE30 baseline (optional)
     DIR/populations/         sampled + baseline populations, fine-tuned   + stage.json
@@ -45,6 +46,9 @@ class PipelineConfig(Config):
     zoo: dict[str, Any] | str
     hyperrep: dict[str, Any] | str
     populations: dict[str, Any] | str
+    # Weight-match every zoo state onto one template (raysys zoo align) before the autoencoder: {} for the
+    # defaults, or {template_epochs: 5, rounds: 3}. The autoencoder and populations then read DIR/zoo_aligned.
+    align: dict[str, Any] | None = None
     evaluate: bool = True            # probes + figures of the autoencoder (DIR/hyperrep/eval)
     nolwln_baseline: bool = False    # also train the autoencoder without LWLN, for B_KDE30
     hyperrep_gpus: float = Field(0.0, ge=0)  # >0: train the autoencoder in a Ray task on a GPU node
@@ -74,16 +78,20 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
 
         runs["zoo"] = stage("zoo", resumable=True, work=lambda d: (
             zoo.generate(stages["zoo"], d, progress=progress), find_run(uri, stages["zoo"].mlflow.experiment, d))[1])
+        zoo_dir = out / "zoo"
+        if "align" in stages:
+            stage("zoo_aligned", lambda d: align_stage(stages["align"], out / "zoo", d, progress))
+            zoo_dir = out / "zoo_aligned"
         runs["hyperrep"] = stage("hyperrep", lambda d: train_autoencoder(
-            stages["hyperrep"], out / "zoo", d, uri, config.evaluate, config.hyperrep_gpus, progress))
+            stages["hyperrep"], zoo_dir, d, uri, config.evaluate, config.hyperrep_gpus, progress))
         runs["hyperrep_eval"] = read_json(out / "hyperrep" / "eval" / "eval.json").get("mlflow_run_id")
         if config.nolwln_baseline:
             nolwln = stages["hyperrep"].model_copy(deep=True)
             nolwln.loss.lwln = False
             runs["hyperrep_nolwln"] = stage("hyperrep_nolwln", lambda d: train_autoencoder(
-                nolwln, out / "zoo", d, uri, False, config.hyperrep_gpus, progress))
+                nolwln, zoo_dir, d, uri, False, config.hyperrep_gpus, progress))
         runs["populations"] = stage("populations", lambda d: populations.run_populations(
-            stages["populations"], out / "zoo", out / "hyperrep", d,
+            stages["populations"], zoo_dir, out / "hyperrep", d,
             out / "hyperrep_nolwln" if config.nolwln_baseline else None,
             tracking_uri=uri, progress=progress).get("mlflow_parent_run_id"))
 
@@ -113,6 +121,9 @@ def stage_configs(config: PipelineConfig, config_dir: str | Path | None = None) 
             out[key] = validate(cls, read_yaml(path), source=f"{path} (pipeline key '{key}')")
         else:
             out[key] = validate(cls, value, source=f"pipeline key '{key}'")
+    if config.align is not None:
+        from raysys.align import AlignOptions
+        out["align"] = validate(AlignOptions, config.align, source="pipeline key 'align'")
     # populations fine-tune on the zoo's dataset: the same loader options, unless set explicitly
     if not out["populations"].dataset_options and out["zoo"].dataset.options:
         out["populations"].dataset_options = dict(out["zoo"].dataset.options)
@@ -142,9 +153,12 @@ def digest(obj) -> str:
 def stage_hashes(config: PipelineConfig, stages: dict[str, Config]) -> dict[str, str]:
     """Each stage's hash covers its own config and its inputs' hashes, so a change flows downstream."""
     h = {"zoo": digest({"zoo": identity("zoo", stages["zoo"])})}
-    h["hyperrep"] = digest({"hyperrep": identity("hyperrep", stages["hyperrep"]), "zoo": h["zoo"],
+    upstream = h["zoo"]
+    if "align" in stages:
+        h["zoo_aligned"] = upstream = digest({"align": stages["align"].model_dump(mode="json"), "zoo": h["zoo"]})
+    h["hyperrep"] = digest({"hyperrep": identity("hyperrep", stages["hyperrep"]), "zoo": upstream,
                             "evaluate": config.evaluate})
-    h["hyperrep_nolwln"] = digest({"hyperrep_nolwln": identity("hyperrep", stages["hyperrep"]), "zoo": h["zoo"]})
+    h["hyperrep_nolwln"] = digest({"hyperrep_nolwln": identity("hyperrep", stages["hyperrep"]), "zoo": upstream})
     h["populations"] = digest({"populations": identity("populations", stages["populations"]),
                                "hyperrep": h["hyperrep"],
                                "nolwln": h["hyperrep_nolwln"] if config.nolwln_baseline else None})
@@ -190,6 +204,15 @@ def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | Non
                                               "seconds": round(time.time() - t0, 1), "raysys_version": __version__,
                                               "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return run_id
+
+
+def align_stage(options, zoo_dir: Path, out_dir: Path, progress: bool) -> None:
+    """The weight-matched copy of the zoo (raysys zoo align); no MLflow run of its own."""
+    from raysys.align import align_zoo
+
+    summary = align_zoo(zoo_dir, out_dir, options.template_epochs, options.rounds, progress=progress)
+    print(f"raysys pipeline: zoo_aligned: L2 to the template {summary['mean_l2_to_template_before']:.3f} -> "
+          f"{summary['mean_l2_to_template_after']:.3f}", flush=True)
 
 
 def train_autoencoder(cfg, zoo_dir: Path, out_dir: Path, uri: str, evaluate: bool, gpus: float,

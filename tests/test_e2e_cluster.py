@@ -230,7 +230,7 @@ def test_rerun_skips_every_stage_and_needs_no_ray(services, first_run, capsys):
     from raysys import pipeline
 
     out = first_run["out"]
-    before = {s: (out / s / "stage.json").read_text() for s in ("zoo", "hyperrep", "populations")}
+    before = {s: (out / s / "stage.json").read_text() for s in ("zoo", "zoo_aligned", "hyperrep", "populations")}
     config = pipeline.load_config(ROOT / "configs" / "pipeline" / "tiny.yaml",
                                   [f"name={first_run['name']}-rerun", f"tracking_uri={services['mlflow']}"])
     was_running = ray.is_initialized()

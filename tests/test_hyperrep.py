@@ -242,6 +242,33 @@ def test_latent_has_full_rank_even_when_wider_than_a_token(d_model, latent):
     assert torch.linalg.matrix_rank(pre - pre.mean(0), rtol=1e-6).item() == latent
 
 
+def test_linear_path_starts_as_pca_and_survives_save_load(tmp_path):
+    """model.linear_path: at initialization (transformer parts silent) the autoencoder is PCA-k of the training
+    rows standardized per layer, up to tanh's curvature, which a small scale makes negligible."""
+    from sklearn.decomposition import PCA
+
+    layout = layout_of("tetris_ffn", 1, 4)
+    cfg = validate(HyperRepConfig, {"model": {**TINY["model"], "linear_path": True}, "augment": {"permute": False}})
+    torch.manual_seed(0)
+    model = HyperRepresentation(cfg, layout)
+    gen = torch.Generator().manual_seed(1)
+    basis = torch.randn(12, 100, generator=gen)
+    train = torch.randn(300, 12, generator=gen) @ basis + 0.1 * torch.randn(300, 100, generator=gen)
+    test = torch.randn(40, 12, generator=gen) @ basis + 0.1 * torch.randn(40, 100, generator=gen)
+    model.set_layer_statistics(*layer_statistics(train, model.tokenizer.param_group, model.tokenizer.num_groups))
+    model.init_linear_path(train, scale=1e-3)
+    std = model.lwln_std[model.tokenizer.param_group].double().numpy()
+    pca = PCA(8).fit(train.double().numpy() / std)
+    want = pca.inverse_transform(pca.transform(test.double().numpy() / std)) * std
+    got = model.decode(model.encode(test)).double().numpy()
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())
+    model.save(tmp_path / "ck")
+    loaded = HyperRepresentation.load(tmp_path / "ck")
+    assert torch.equal(loaded.decode(loaded.encode(test)), model.decode(model.encode(test)))
+    with pytest.raises(ConfigError, match="raysys zoo align"):
+        validate(HyperRepConfig, {"model": {"linear_path": True}})
+
+
 def test_wrong_architecture_is_refused():
     model = HyperRepresentation(validate(HyperRepConfig, TINY), layout_of("cnn_s", 1, 10))
     with pytest.raises(RaysysError, match="'tetris_ffn' models .* trained on 'cnn_s'"):

@@ -36,7 +36,7 @@ def hashes(overrides=None) -> dict:
 def test_shipped_configs_validate(path):
     cfg = pipeline.load_config(path)
     stages = pipeline.stage_configs(cfg, path.parent)
-    assert set(stages) == {"zoo", "hyperrep", "populations"}
+    assert {"zoo", "hyperrep", "populations"} <= set(stages) <= {"zoo", "align", "hyperrep", "populations"}
     # the autoencoder trains on epochs the zoo stores, and populations sample from them
     first, last = stages["hyperrep"].train.epoch_window
     assert last <= stages["zoo"].epochs
@@ -91,8 +91,9 @@ def test_populations_inherit_the_zoo_dataset_options():
 
 # (override, stages whose hash must change)
 CHANGES = [
-    ("zoo.epochs=4", {"zoo", "hyperrep", "hyperrep_nolwln", "populations"}),
-    ("zoo.seeds={start: 2, count: 12}", {"zoo", "hyperrep", "hyperrep_nolwln", "populations"}),
+    ("zoo.epochs=4", {"zoo", "zoo_aligned", "hyperrep", "hyperrep_nolwln", "populations"}),
+    ("zoo.seeds={start: 2, count: 12}", {"zoo", "zoo_aligned", "hyperrep", "hyperrep_nolwln", "populations"}),
+    ("align.rounds=2", {"zoo_aligned", "hyperrep", "hyperrep_nolwln", "populations"}),
     ("hyperrep.train.lr=0.002", {"hyperrep", "hyperrep_nolwln", "populations"}),
     ("populations.num_models=4", {"populations"}),
     ("evaluate=false", {"hyperrep", "populations"}),
@@ -109,6 +110,15 @@ CHANGES = [
 def test_a_change_redoes_its_stage_and_everything_downstream(override, changed):
     before, after = hashes(), hashes([override])
     assert {k for k in before if before[k] != after[k]} == changed
+
+
+def test_without_align_the_autoencoder_reads_the_zoo_itself():
+    """align: null drops the zoo_aligned stage, and the autoencoder's hash then hangs on the zoo directly."""
+    aligned, plain = hashes(), hashes(["align=null"])
+    assert "zoo_aligned" in aligned and "zoo_aligned" not in plain
+    assert aligned["zoo"] == plain["zoo"] and aligned["hyperrep"] != plain["hyperrep"]
+    with pytest.raises(ConfigError, match="rounds"):
+        hashes(["align={rounds: 0}"])
 
 
 @settings(max_examples=25, deadline=None)

@@ -16,6 +16,9 @@ class ModelConfig(Config):
     latent_dim: int = Field(32, gt=0, description="size of the hyper-representation z")
     dropout: float = Field(0.1, ge=0.0, lt=1.0)
     projection_dim: int = Field(64, gt=0, description="output width of the contrastive projection head")
+    linear_path: bool = Field(False, description="a linear encoder/decoder beside the transformers, initialized as "
+                              "PCA of the training split: the autoencoder starts at PCA-k and learns the rest. "
+                              "Needs augment.permute=false (use an aligned zoo: raysys zoo align)")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -74,3 +77,11 @@ class HyperRepConfig(Config):
     loss: LossConfig = LossConfig()
     augment: AugmentConfig = AugmentConfig()
     train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _linear_path_needs_fixed_order(self):
+        if self.model.linear_path and self.augment.permute:
+            raise ValueError("model.linear_path=true needs augment.permute=false: a linear map of the weights "
+                             "cannot follow random unit orders. Align the zoo first (raysys zoo align ZOO --out "
+                             "ALIGNED) and set augment.permute=false, or set model.linear_path=false")
+        return self

@@ -6,6 +6,12 @@ tokens' outputs, concatenated -> linear -> tanh = z [B, latent]. There are ceil(
 compression tokens, so z can have full rank: one d_model-wide token would cap it at d_model. The decoder mirrors it: linear from z to the whole
 sequence, + positions, transformer, per-layer linear back to token weights -> [B, P].
 A small MLP projection head maps z to the space of the contrastive loss.
+
+With ``model.linear_path`` a linear encoder/decoder pair runs beside the transformers, on the
+weights standardized per layer: z = tanh(transformer part + linear part), weights = transformer
+part + linear part. It starts as PCA of the training split with latent_dim components (the
+transformer parts start at zero), so training begins at the linear yardstick and the transformers
+learn what PCA misses. It needs unpermuted inputs (an aligned zoo, ``augment.permute=false``).
 """
 from __future__ import annotations
 
@@ -55,6 +61,15 @@ class HyperRepresentation(nn.Module):
             for head in self.unembed:
                 head.weight.mul_(0.01)
                 head.bias.zero_()
+        if m.linear_path:  # PCA-initialized by init_linear_path; the transformers start silent
+            P = layout.num_params
+            self.linear_encoder = nn.Linear(P, m.latent_dim, bias=False)
+            self.linear_decoder = nn.Linear(m.latent_dim, P, bias=False)
+            self.register_buffer("param_mean", torch.zeros(P))
+            with torch.no_grad():
+                for layer in (self.to_latent, *self.unembed):
+                    layer.weight.zero_()
+                    layer.bias.zero_()
         # contrastive projection head
         self.projection = nn.Sequential(nn.Linear(m.latent_dim, m.projection_dim), nn.GELU(),
                                         nn.Linear(m.projection_dim, m.projection_dim))
@@ -64,14 +79,32 @@ class HyperRepresentation(nn.Module):
 
     # --- the network -------------------------------------------------------------------------
 
+    def encode_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights [B, P] -> z [B, latent]."""
+        pre = self.encode_tokens(self.tokenizer.tokenize(weights))
+        if self.config.model.linear_path:
+            pre = pre + self.linear_encoder(self.standardize(weights))
+        return torch.tanh(pre)
+
+    def decode_weights(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, latent] -> weights [B, P]."""
+        weights = self.tokenizer.detokenize(self.decode_tokens(z))
+        if self.config.model.linear_path:
+            weights = weights + self.param_mean + self.linear_decoder(z) * self.lwln_std[self.tokenizer.param_group]
+        return weights
+
+    def standardize(self, weights: torch.Tensor) -> torch.Tensor:
+        """(weights - per-parameter training mean) / per-layer training std: the linear path's input."""
+        return (weights - self.param_mean) / self.lwln_std[self.tokenizer.param_group]
+
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T, D] -> z [B, latent]."""
+        """[B, T, D] -> the transformer's part of z before tanh [B, latent]."""
         x = torch.cat([emb(tokens[:, g.start:g.start + g.count, :g.width])
                        for emb, g in zip(self.embed, self.tokenizer.groups)], dim=1)
         x = x + self.enc_pos
         x = torch.cat([self.compression_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.encoder(x)
-        return torch.tanh(self.to_latent(x[:, :self.num_compression].flatten(1)))
+        return self.to_latent(x[:, :self.num_compression].flatten(1))
 
     def decode_tokens(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, latent] -> [B, T, D] (padding entries zero)."""
@@ -83,15 +116,35 @@ class HyperRepresentation(nn.Module):
 
     def forward(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """weights [B, P] -> (z [B, latent], reconstruction [B, P], projection [B, projection_dim])."""
-        z = self.encode_tokens(self.tokenizer.tokenize(weights))
-        recon = self.tokenizer.detokenize(self.decode_tokens(z))
-        return z, recon, self.projection(z)
+        z = self.encode_weights(weights)
+        return z, self.decode_weights(z), self.projection(z)
 
     # --- LWLN ----------------------------------------------------------------------------------
 
     def set_layer_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.lwln_mean.copy_(mean)
         self.lwln_std.copy_(std)
+
+    @torch.no_grad()
+    def init_linear_path(self, weights: torch.Tensor, scale: float = 0.1) -> None:
+        """Set the linear path to PCA of ``weights`` (the training split) standardized per layer.
+
+        Component i's coefficient c_i (std s_i over the training rows) enters z as tanh(scale * c_i / s_i),
+        in tanh's near-linear range, and the decoder maps it back: at initialization the autoencoder is
+        PCA-k up to tanh's curvature. Call after :meth:`set_layer_statistics`."""
+        if not self.config.model.linear_path:
+            raise RaysysError("init_linear_path needs model.linear_path=true in the hyper-representation config")
+        w = weights.double().to(self.param_mean.device)
+        self.param_mean.copy_(w.mean(0).float())
+        x = (w - w.mean(0)) / self.lwln_std.double()[self.tokenizer.param_group]
+        k = self.config.model.latent_dim
+        _, sv, vt = torch.linalg.svd(x, full_matrices=False)
+        n = min(k, vt.shape[0])
+        std = (sv[:n] / max(1, len(w) - 1) ** 0.5).clamp_min(1e-12)
+        enc, dec = torch.zeros(k, w.shape[1], dtype=torch.float64), torch.zeros(w.shape[1], k, dtype=torch.float64)
+        enc[:n], dec[:, :n] = vt[:n] * (scale / std)[:, None], (vt[:n] * (std / scale)[:, None]).T
+        self.linear_encoder.weight.copy_(enc.float())
+        self.linear_decoder.weight.copy_(dec.float())
 
     def loss_weights(self) -> torch.Tensor | None:
         """Per-parameter 1 / sigma_l^2 [P] when LWLN is on, else None (plain MSE)."""
@@ -109,7 +162,7 @@ class HyperRepresentation(nn.Module):
     def encode(self, weights, batch_size: int = 1024):
         """weights [n, P] (tensor or ndarray) -> z [n, latent] of the same kind, on the CPU."""
         self.check_width(weights.shape[-1])
-        return self._batched(lambda w: self.encode_tokens(self.tokenizer.tokenize(w)), weights, batch_size)
+        return self._batched(self.encode_weights, weights, batch_size)
 
     @torch.no_grad()
     def decode(self, z, batch_size: int = 1024):
@@ -117,7 +170,7 @@ class HyperRepresentation(nn.Module):
         if z.shape[-1] != self.config.model.latent_dim:
             raise RaysysError(f"latents have {z.shape[-1]} dimensions but this hyper-representation's "
                               f"latent_dim is {self.config.model.latent_dim}: pass z from this model's encode().")
-        return self._batched(lambda v: self.tokenizer.detokenize(self.decode_tokens(v)), z, batch_size)
+        return self._batched(self.decode_weights, z, batch_size)
 
     def _batched(self, fn, x, batch_size):
         as_numpy = isinstance(x, np.ndarray)

@@ -213,6 +213,8 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
     torch.manual_seed(tc.seed)
     model = HyperRepresentation(cfg, zoo.layout)
     model.set_layer_statistics(*layer_statistics(data["train"], model.tokenizer.param_group, model.tokenizer.num_groups))
+    if cfg.model.linear_path:
+        model.init_linear_path(data["train"])
     model.to(device)
     augment = Augmenter(zoo.layout, cfg.augment.permute, cfg.augment.erase_p, cfg.augment.erase_low,
                         cfg.augment.erase_high, cfg.augment.noise_std)
