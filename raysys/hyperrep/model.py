@@ -7,11 +7,11 @@ compression tokens, so z can have full rank: one d_model-wide token would cap it
 sequence, + positions, transformer, per-layer linear back to token weights -> [B, P].
 A small MLP projection head maps z to the space of the contrastive loss.
 
-With ``model.linear_path`` a linear encoder/decoder pair runs beside the transformers, on the
-weights standardized per layer: z = tanh(transformer part + linear part), weights = transformer
-part + linear part. It starts as PCA of the training split with latent_dim components (the
-transformer parts start at zero), so training begins at the linear yardstick and the transformers
-learn what PCA misses. It needs unpermuted inputs (an aligned zoo, ``augment.permute=false``).
+With ``model.linear_path`` a fixed linear encoder/decoder pair runs beside the transformers:
+z = tanh(transformer part + linear part), weights =
+transformer part + linear part. The linear pair is PCA of the training split with latent_dim
+components and the transformer parts start at zero, so training begins at the linear yardstick
+and the transformers learn what PCA misses. It needs unpermuted inputs (an aligned zoo, ``augment.permute=false``).
 """
 from __future__ import annotations
 
@@ -63,8 +63,10 @@ class HyperRepresentation(nn.Module):
                 head.bias.zero_()
         if m.linear_path:  # PCA-initialized by init_linear_path; the transformers start silent
             P = layout.num_params
-            self.linear_encoder = nn.Linear(P, m.latent_dim, bias=False)
-            self.linear_decoder = nn.Linear(m.latent_dim, P, bias=False)
+            # Buffers, not parameters: PCA is already the best linear code of the training split, and Adam's
+            # per-weight steps would wreck it (measured: validation R² fell from PCA's to -0.9 in one epoch).
+            self.register_buffer("linear_encoder", torch.zeros(m.latent_dim, P))
+            self.register_buffer("linear_decoder", torch.zeros(P, m.latent_dim))
             self.register_buffer("param_mean", torch.zeros(P))
             with torch.no_grad():
                 for layer in (self.to_latent, *self.unembed):
@@ -83,19 +85,15 @@ class HyperRepresentation(nn.Module):
         """weights [B, P] -> z [B, latent]."""
         pre = self.encode_tokens(self.tokenizer.tokenize(weights))
         if self.config.model.linear_path:
-            pre = pre + self.linear_encoder(self.standardize(weights))
+            pre = pre + (weights - self.param_mean) @ self.linear_encoder.T
         return torch.tanh(pre)
 
     def decode_weights(self, z: torch.Tensor) -> torch.Tensor:
         """z [B, latent] -> weights [B, P]."""
         weights = self.tokenizer.detokenize(self.decode_tokens(z))
         if self.config.model.linear_path:
-            weights = weights + self.param_mean + self.linear_decoder(z) * self.lwln_std[self.tokenizer.param_group]
+            weights = weights + self.param_mean + z @ self.linear_decoder.T
         return weights
-
-    def standardize(self, weights: torch.Tensor) -> torch.Tensor:
-        """(weights - per-parameter training mean) / per-layer training std: the linear path's input."""
-        return (weights - self.param_mean) / self.lwln_std[self.tokenizer.param_group]
 
     def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T, D] -> the transformer's part of z before tanh [B, latent]."""
@@ -126,25 +124,26 @@ class HyperRepresentation(nn.Module):
         self.lwln_std.copy_(std)
 
     @torch.no_grad()
-    def init_linear_path(self, weights: torch.Tensor, scale: float = 0.1) -> None:
-        """Set the linear path to PCA of ``weights`` (the training split) standardized per layer.
+    def init_linear_path(self, weights: torch.Tensor, scale: float = 0.05) -> None:
+        """Set the linear path to PCA of ``weights`` (the training split).
 
         Component i's coefficient c_i (std s_i over the training rows) enters z as tanh(scale * c_i / s_i),
         in tanh's near-linear range, and the decoder maps it back: at initialization the autoencoder is
-        PCA-k up to tanh's curvature. Call after :meth:`set_layer_statistics`."""
+        PCA-k up to tanh's curvature. Plain PCA, not PCA of the weights standardized per layer: on an aligned
+        digits zoo that scored test R² -0.028 and 75.6 % decoded accuracy against plain PCA's 0.073 and 77.0 %."""
         if not self.config.model.linear_path:
             raise RaysysError("init_linear_path needs model.linear_path=true in the hyper-representation config")
         w = weights.double().to(self.param_mean.device)
         self.param_mean.copy_(w.mean(0).float())
-        x = (w - w.mean(0)) / self.lwln_std.double()[self.tokenizer.param_group]
+        x = w - w.mean(0)
         k = self.config.model.latent_dim
         _, sv, vt = torch.linalg.svd(x, full_matrices=False)
         n = min(k, vt.shape[0])
         std = (sv[:n] / max(1, len(w) - 1) ** 0.5).clamp_min(1e-12)
         enc, dec = torch.zeros(k, w.shape[1], dtype=torch.float64), torch.zeros(w.shape[1], k, dtype=torch.float64)
         enc[:n], dec[:, :n] = vt[:n] * (scale / std)[:, None], (vt[:n] * (std / scale)[:, None]).T
-        self.linear_encoder.weight.copy_(enc.float())
-        self.linear_decoder.weight.copy_(dec.float())
+        self.linear_encoder.copy_(enc.float())
+        self.linear_decoder.copy_(dec.float())
 
     def loss_weights(self) -> torch.Tensor | None:
         """Per-parameter 1 / sigma_l^2 [P] when LWLN is on, else None (plain MSE)."""
