@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 from scipy.optimize import linear_sum_assignment
 
-from raysys import __version__, architectures
+from raysys import architectures
 from raysys.architectures import Layout
 from raysys.config import Config, RaysysError, validate
 

@@ -315,7 +315,7 @@ def check_tracking_uri(uri: str | None) -> str:
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):  # noqa: S310 - http(s)
                 pass
         except urllib.error.HTTPError:
             pass  # something answered: an MLflow behind a proxy may not expose /health

@@ -62,13 +62,14 @@ def serve(args: argparse.Namespace) -> int:
     if args.host not in LOCAL_HOSTS:
         print(f"raysys: warning: MLflow has no authentication and will accept connections on {args.host}:"
               f"{args.port}; keep that interface private (security group / firewall).", file=sys.stderr)
-    print(f"raysys: MLflow UI at http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104 - only displayed
+    print(f"raysys: MLflow UI at http://{shown}:{args.port}"
           f" (backend {cmd[cmd.index('--backend-store-uri') + 1]})", file=sys.stderr, flush=True)
     if args.dry_run:
         print(" ".join(cmd))
         return 0
     # exec so that signals (Ctrl-C, SIGTERM from a process manager) reach mlflow directly
-    os.execv(cmd[0], cmd)
+    os.execv(cmd[0], cmd)  # noqa: S606 - an argument list, no shell
     return 0  # unreachable
 
 

@@ -10,8 +10,12 @@ best validation score, and the probe that is scored on test is the one fitted on
 with that strength (no refit on train + validation, so the validation score that picked the
 probe stays an honest selection score and test data never influences any choice).
 
-Everything here is scikit-learn shaped: ``fit``/``transform``/``predict`` on ``[n, features]``
-arrays. Rows are (model, epoch) states; the split of a row is its model's split.
+Everything here follows scikit-learn's estimator API: ``BaseEstimator`` subclasses whose
+parameters are the ``__init__`` arguments (so ``clone``/``get_params`` work), fitted state ending
+in ``_``, ``fit(X, y)`` returning ``self``, ``predict``/``transform`` on ``[n, features]`` arrays
+and a float ``score`` (R², accuracy). The validation split that picks α or C is a constructor
+parameter, ``validation_data=(X_val, y_val)``; ``scores`` returns every metric as a dict.
+Rows are (model, epoch) states; the split of a row is its model's split.
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ import warnings
 import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
-from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
 
 from raysys.architectures import Layout
 from raysys.config import RaysysError
@@ -116,19 +121,38 @@ def kendall_tau(y_true, y_pred) -> float:
     return float(kendalltau(y_true, y_pred).statistic)
 
 
-class LinearProbe:
+def _validation(probe) -> tuple:
+    if probe.validation_data is None:
+        raise ProbeError(f"{type(probe).__name__} picks its regularization on a validation split: construct it "
+                         f"with validation_data=(X_val, y_val), e.g. {type(probe).__name__}(validation_data="
+                         f"(X_val, y_val)).fit(X_train, y_train).")
+    try:
+        X_val, y_val = probe.validation_data
+    except (TypeError, ValueError):
+        raise ProbeError("validation_data must be a pair (X_val, y_val).") from None
+    return X_val, y_val
+
+
+class LinearProbe(RegressorMixin, BaseEstimator):
     """Ridge regression on standardized features; α picked by validation R² on a grid.
+
+    ``LinearProbe(alphas, validation_data=(X_val, y_val)).fit(X_train, y_train)``: the probe is
+    fitted on ``(X_train, y_train)`` only, and α is the grid value with the best R² on
+    ``validation_data``. ``score`` is R² (a float, as for any scikit-learn regressor); ``scores``
+    adds Kendall's τ.
 
     The ridge solutions for every α come from one SVD of the standardized train features:
     w(α) = V diag(s / (s² + α)) Uᵀ (y − ȳ), the minimizer of ‖y − ȳ − Xw‖² + α‖w‖²
     (scikit-learn's ``Ridge`` objective). Ties go to the larger α.
     """
 
-    def __init__(self, alphas=ALPHAS):
-        self.alphas = tuple(alphas)
+    def __init__(self, alphas=ALPHAS, validation_data=None):
+        self.alphas = alphas
+        self.validation_data = validation_data
 
-    def fit(self, X_train, y_train, X_val, y_val) -> "LinearProbe":
-        y_train = np.asarray(y_train, np.float64)
+    def fit(self, X, y) -> "LinearProbe":
+        X_train, y_train = X, np.asarray(y, np.float64)
+        X_val, y_val = _validation(self)
         y_val = np.asarray(y_val, np.float64)
         if len(y_train) < 2 or len(y_val) < 1:
             raise ProbeError(f"a probe needs at least 2 train and 1 validation rows, got "
@@ -136,6 +160,7 @@ class LinearProbe:
         self.scaler_ = _standardize(X_train)
         Xt = self.scaler_.transform(np.asarray(X_train, np.float64))
         Xv = self.scaler_.transform(np.asarray(X_val, np.float64))
+        self.n_features_in_ = Xt.shape[1]
         self.intercept_ = float(y_train.mean())
         U, s, Vt = np.linalg.svd(Xt, full_matrices=False)
         uty = U.T @ (y_train - self.intercept_)
@@ -150,24 +175,37 @@ class LinearProbe:
         return self
 
     def predict(self, X) -> np.ndarray:
+        check_is_fitted(self)
         return self.scaler_.transform(np.asarray(X, np.float64)) @ self.coef_ + self.intercept_
 
-    def score(self, X, y) -> dict[str, float]:
+    def score(self, X, y, sample_weight=None) -> float:
+        """R² of the predictions on (X, y) (NaN for a constant target)."""
+        if sample_weight is not None:
+            raise ProbeError("LinearProbe.score does not take sample weights.")
+        return r2(y, self.predict(X))
+
+    def scores(self, X, y) -> dict[str, float]:
         """R² and Kendall's τ of the predictions on (X, y), usually the test split."""
         pred = self.predict(X)
         return {"r2": r2(y, pred), "kendall_tau": kendall_tau(y, pred)}
 
 
-class LinearClassifierProbe:
+class LinearClassifierProbe(ClassifierMixin, BaseEstimator):
     """Multinomial logistic regression on standardized features; C picked by validation accuracy
-    on a grid (ties go to the smaller C, i.e. the stronger regularization)."""
+    on a grid (ties go to the smaller C, i.e. the stronger regularization).
 
-    def __init__(self, Cs=CS, max_iter: int = 300):
-        self.Cs = tuple(Cs)
+    ``LinearClassifierProbe(Cs, max_iter, validation_data=(X_val, y_val)).fit(X_train, y_train)``;
+    ``score`` is the accuracy."""
+
+    def __init__(self, Cs=CS, max_iter: int = 300, validation_data=None):
+        self.Cs = Cs
         self.max_iter = max_iter
+        self.validation_data = validation_data
 
-    def fit(self, X_train, y_train, X_val, y_val) -> "LinearClassifierProbe":
-        y_train, y_val = np.asarray(y_train), np.asarray(y_val)
+    def fit(self, X, y) -> "LinearClassifierProbe":
+        X_train, y_train = X, np.asarray(y)
+        X_val, y_val = _validation(self)
+        y_val = np.asarray(y_val)
         if len(np.unique(y_train)) < 2:
             raise ProbeError("a classifier probe needs at least two classes in the train split; "
                              "this target does not vary in the zoo — leave it out.")
@@ -186,13 +224,21 @@ class LinearClassifierProbe:
                 best = (acc, C, model)
         self.val_accuracy_, self.C_, self.model_ = best
         self.classes_ = self.model_.classes_
+        self.n_features_in_ = Xt.shape[1]
         return self
 
     def predict(self, X) -> np.ndarray:
+        check_is_fitted(self)
         return self.model_.predict(self.scaler_.transform(np.asarray(X, np.float64)))
 
-    def score(self, X, y) -> dict[str, float]:
-        return {"accuracy": float(np.mean(self.predict(X) == np.asarray(y)))}
+    def score(self, X, y, sample_weight=None) -> float:
+        """Accuracy of the predictions on (X, y)."""
+        if sample_weight is not None:
+            raise ProbeError("LinearClassifierProbe.score does not take sample weights.")
+        return float(np.mean(self.predict(X) == np.asarray(y)))
+
+    def scores(self, X, y) -> dict[str, float]:
+        return {"accuracy": self.score(X, y)}
 
 
 # --- probing a zoo --------------------------------------------------------------------------
@@ -250,13 +296,13 @@ def probe_all(features_by_split: dict[str, dict[str, np.ndarray]],
             data = {s: _rows(X[s], frame_by_split[s], target) for s in SPLITS}
             if target in reg:
                 (xt, yt), (xv, yv), (xs, ys) = (data[s] for s in SPLITS)
-                probe = LinearProbe().fit(xt, yt.astype(np.float64), xv, yv.astype(np.float64))
-                metrics = {**probe.score(xs, ys.astype(np.float64)),
+                probe = LinearProbe(validation_data=(xv, yv.astype(np.float64))).fit(xt, yt.astype(np.float64))
+                metrics = {**probe.scores(xs, ys.astype(np.float64)),
                            "val_r2": probe.val_r2_, "alpha": probe.alpha_}
                 task = "regression"
             else:
-                probe = LinearClassifierProbe().fit(*data["train"], *data["val"])
-                metrics = {**probe.score(*data["test"]), "val_accuracy": probe.val_accuracy_, "C": probe.C_}
+                probe = LinearClassifierProbe(validation_data=data["val"]).fit(*data["train"])
+                metrics = {**probe.scores(*data["test"]), "val_accuracy": probe.val_accuracy_, "C": probe.C_}
                 task = "classification"
             records += [{"target": target, "task": task, "features": name, "metric": k, "value": float(v)}
                         for k, v in metrics.items()]
@@ -286,7 +332,7 @@ def ood_probes(features_by_split: dict[str, dict[str, np.ndarray]],
         for target in reg:
             (xt, yt), (xv, yv) = (_rows(X[s], frame_by_split[s], target) for s in ("train", "val"))
             xo, yo = _rows(ood_features[name], ood_frame, target)
-            probe = LinearProbe().fit(xt, yt.astype(np.float64), xv, yv.astype(np.float64))
+            probe = LinearProbe(validation_data=(xv, yv.astype(np.float64))).fit(xt, yt.astype(np.float64))
             records += [{"target": target, "task": "regression", "features": name, "metric": k, "value": float(v)}
-                        for k, v in probe.score(xo, yo.astype(np.float64)).items()]
+                        for k, v in probe.scores(xo, yo.astype(np.float64)).items()]
     return pd.DataFrame.from_records(records, columns=["target", "task", "features", "metric", "value"])

@@ -408,8 +408,8 @@ class Objectives:
             z_train = encode(hr, self.w_train)
         if "probe_r2" in self.objectives:
             z_val = encode(hr, self.w_val)
-            probe = LinearProbe().fit(z_train, self.y_train, z_val, self.y_val)
-            out["val_probe_r2"] = _floor(probe.score(z_val, self.y_val)["r2"])
+            probe = LinearProbe(validation_data=(z_val, self.y_val)).fit(z_train, self.y_train)
+            out["val_probe_r2"] = _floor(probe.score(z_val, self.y_val))
         if "sample_acc" in self.objectives:
             kde = KDESampler(self.sampler["bandwidth"], self.sampler["top_fraction"], random_state=self.seed)
             z = kde.fit(z_train, self.val_acc_train).sample(self.sampler["num_models"])
@@ -895,7 +895,8 @@ def plot_search(frame, search: SearchConfig, importances: dict, front, path: Pat
     ax.set_xlabel("trial")
     ax.set_ylabel("validation objective")
     ax.set_title("objectives over trials (orange: pruned)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no trial has reported yet
+        ax.legend(fontsize=8)
     ax = axes[1]
     imp = importances.get(search.primary, {})
     if imp:
@@ -962,7 +963,7 @@ def _run(args) -> int:
         print(f"[search] wrote {out / 'best_hyperrep.yaml'} (raysys hyperrep train accepts it), "
               f"{out / 'best_sampler.yaml'}, {out / 'search.png'}")
     if summary["interrupted"]:
-        print(f"[search] interrupted; continue with the same command plus --resume", file=sys.stderr)
+        print("[search] interrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
     return 0
 

@@ -19,7 +19,7 @@ import os
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +29,9 @@ from raysys import __version__
 from raysys.architectures import Layout
 from raysys.config import RaysysError
 from raysys.train import METRICS
+
+if TYPE_CHECKING:
+    import pandas
 
 MANIFEST = "manifest.json"
 SHARDS = "shards"

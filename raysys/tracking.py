@@ -9,9 +9,12 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from raysys.config import RaysysError
+
+if TYPE_CHECKING:
+    import mlflow
 
 DEFAULT_DB = "mlflow.db"
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value

@@ -11,7 +11,6 @@ shards already complete and redoes the rest, ending with the same zoo as an unin
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
 import json
@@ -28,7 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raysys import __version__, architectures
 from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
-from raysys.store import SHARDS, ZooWriter, atomic_write_bytes, atomic_write_json, open_zoo, rows_table, splits_for
+from raysys.store import SHARDS, ZooWriter, atomic_write_bytes, open_zoo, rows_table, splits_for
 from raysys.train import ModelSpec
 
 # --- config ---------------------------------------------------------------------------------
@@ -553,7 +552,7 @@ class _ProgressWatcher:
             try:
                 self.client.log_metric(self.run_id, "model_epochs_done", now, step=now)
                 self.client.log_metric(self.run_id, "shards_done", self.shards_done + shards, step=now)
-            except Exception:  # progress metrics must never break a generation
+            except Exception:  # noqa: S110 - progress metrics must never break a generation
                 pass
 
     def _loop(self):

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from raysys import align, architectures, cli, datasets
+from raysys import align, architectures, cli
 from raysys.config import RaysysError, validate
 from raysys.integrity import verify_zoo
 from raysys.store import SHARDS, ZooWriter, open_zoo, sha256_file, splits_for, weights_numpy
@@ -62,6 +62,7 @@ def logits(arch: str, layout, w: np.ndarray, x: torch.Tensor) -> torch.Tensor:
 
 # --- the primitives ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_every_aligned_state_computes_the_same_outputs(zoos, digits):
     src, dst = open_zoo(zoos["src"]), open_zoo(zoos["dst"])
     w_src, f_src = src.weights()
@@ -86,11 +87,12 @@ def test_a_permuted_copy_aligns_back_onto_its_original_exactly(arch, seed):
     architectures.init_model(model, "kaiming_uniform", torch.Generator().manual_seed(seed))
     w = architectures.flatten(model)
     copies = torch.stack([align.permute_units(w, layout, random_perms(layout, seed + k)) for k in range(3)])
-    assert (copies - w).norm(dim=1).min() > 0.1
+    assert (copies - w).norm(dim=1).max() > 0.1  # not vacuous (a single copy may draw the identity: 1 in 120 for tetris)
     torch.testing.assert_close(align.align_onto(copies, w, layout), w.expand(3, -1), atol=0, rtol=0)
     torch.testing.assert_close(align.align_to(copies[0], w[None], layout)[0], w, atol=0, rtol=0)
 
 
+@pytest.mark.slow
 def test_template_is_built_from_training_states_of_the_last_epochs_only(zoos):
     src = open_zoo(zoos["src"])
     W, meta = src.weights(epochs=[2, 3], splits=["train"])
@@ -103,6 +105,7 @@ def test_template_is_built_from_training_states_of_the_last_epochs_only(zoos):
 
 # --- the aligned zoo is a normal zoo ---------------------------------------------------------------
 
+@pytest.mark.slow
 def test_aligned_zoo_verifies_and_keeps_every_row_split_and_metric(zoos):
     report = verify_zoo(zoos["dst"])
     assert report.ok, report.format()
@@ -118,6 +121,7 @@ def test_aligned_zoo_verifies_and_keeps_every_row_split_and_metric(zoos):
     assert dst.manifest["status"] == "complete" and dst.manifest["name"] == "tiny-digits-aligned"
 
 
+@pytest.mark.slow
 def test_aligned_states_are_closer_to_the_template(zoos):
     template = align._load_template(zoos["dst"] / align.TEMPLATE_FILE, open_zoo(zoos["src"]).num_params)
     for epochs in ([0], [3]):
@@ -131,6 +135,7 @@ def test_aligned_states_are_closer_to_the_template(zoos):
 
 # --- resume and refusal ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_rerun_after_a_crash_or_a_lost_shard_ends_identical(zoos, monkeypatch):
     dst = zoos["root"] / "resume"
     calls = {"n": 0}
@@ -167,6 +172,7 @@ def test_rerun_after_a_crash_or_a_lost_shard_ends_identical(zoos, monkeypatch):
     assert shard_digests(dst) == shard_digests(zoos["dst"])
 
 
+@pytest.mark.slow
 def test_other_options_other_source_or_a_generated_zoo_are_refused(zoos, digits):
     with pytest.raises(RaysysError, match=r"different options.*rounds: 2 -> 3.*--template-epochs 2 --rounds 2.*new --out"):
         align.align_zoo(zoos["src"], zoos["dst"], template_epochs=2, rounds=3)
@@ -193,6 +199,7 @@ def test_other_options_other_source_or_a_generated_zoo_are_refused(zoos, digits)
         _check_resume(zoos["dst"], validate(ZooConfig, TINY))
 
 
+@pytest.mark.slow
 def test_a_damaged_source_is_refused(zoos):
     broken = zoos["root"] / "broken"
     shutil.copytree(zoos["src"], broken)
@@ -204,6 +211,7 @@ def test_a_damaged_source_is_refused(zoos):
     assert not (zoos["root"] / "from-broken").exists()
 
 
+@pytest.mark.slow
 def test_cli_aligns_resumes_and_verify_names_the_align_command(zoos, capsys):
     dst = zoos["root"] / "cli"
     assert cli.main(["zoo", "align", str(zoos["src"]), "--out", str(dst), "--template-epochs", "2",
@@ -220,6 +228,7 @@ def test_cli_aligns_resumes_and_verify_names_the_align_command(zoos, capsys):
     assert cli.main(["zoo", "info", str(zoos["dst"])]) == 0
 
 
+@pytest.mark.slow
 def test_diverged_states_are_copied_unchanged(tmp_path, digits):
     """A NaN model (a diverged run) cannot be matched: it must neither poison the template nor stop the copy."""
     import pyarrow as pa

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow  # each runs a benchmark in a subprocess
 
 
 def test_zoo_throughput_smoke(tmp_path):

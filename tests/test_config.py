@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from raysys.config import ConfigError, RaysysError, apply_overrides, dump, load, read_yaml, validate
-from raysys.zoo import RandomSeeds, SeedRange, ZooConfig, expand, plan_shards
+from raysys.zoo import RandomSeeds, ZooConfig, expand, plan_shards
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "zoo"
 

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT = 180  # s, a loaded 2-core machine needs most of it to import mlflow
 JOB_TIMEOUT = 480
 
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = [pytest.mark.timeout(1200), pytest.mark.cluster]
 
 
 def free_port() -> int:
@@ -244,6 +244,7 @@ def test_rerun_skips_every_stage_and_needs_no_ray(services, first_run, capsys):
     assert json.loads((out / "report.json").read_text())["name"] == f"{first_run['name']}-rerun"
 
 
+@pytest.mark.browser
 def test_mlflow_ui_shows_the_pipeline_run(services, first_run, tmp_path):
     chromium = next((shutil.which(c) for c in ("chromium", "chromium-browser", "google-chrome") if shutil.which(c)), None)
     if chromium is None:

@@ -244,6 +244,7 @@ def reference_weights(tmp_path: Path, config):
     return open_zoo(tmp_path / "reference").weights()
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_zoo_then_a_corrupted_shard_is_rewritten_alone(tmp_path, ray_local, mlflow_uri, capsys):
     import yaml
 
@@ -285,6 +286,7 @@ def test_worker_killed_mid_zoo_then_a_corrupted_shard_is_rewritten_alone(tmp_pat
 
 # --- a fine-tuning actor killed mid-population ------------------------------------------------------
 
+@pytest.mark.slow
 def test_finetune_actors_killed_mid_population_every_result_exactly_once(ray_local):
     """Two deaths: a SIGKILLed actor process (a crash: Ray restarts it and retries the call) and a
     ``ray.kill`` for good (the pool replaces the actor and requeues its population)."""
@@ -332,6 +334,7 @@ def test_finetune_actors_killed_mid_population_every_result_exactly_once(ray_loc
 
 # --- a Tune trial killed mid-search, then --resume ----------------------------------------------------
 
+@pytest.mark.slow
 def test_trial_killed_mid_search_is_rerun_by_resume(tmp_path, ray_local, mlflow_uri):
     from mlflow.tracking import MlflowClient
 

@@ -69,6 +69,7 @@ def tiny_config(**overrides) -> PopulationsConfig:
     return validate(PopulationsConfig, base)
 
 
+@pytest.mark.slow
 def test_decoded_population_loads_and_evaluates(tiny_zoo):
     zoo = open_zoo(tiny_zoo)
     W, meta = zoo.weights(epochs=[3], splits=["train"])
@@ -88,6 +89,7 @@ def test_decoded_population_loads_and_evaluates(tiny_zoo):
         generate.decode(ae, Z, wrong)
 
 
+@pytest.mark.slow
 def test_finetune_epoch_zero_is_evaluation_only(tiny_zoo):
     data = datasets.load("tetris")
     zoo = open_zoo(tiny_zoo)
@@ -104,6 +106,7 @@ def test_finetune_epoch_zero_is_evaluation_only(tiny_zoo):
         finetune.finetune_population("tetris_ffn", specs, data, 1, W[:2])
 
 
+@pytest.mark.slow
 def test_actors_return_per_epoch_accuracy_for_every_model(ray_local, tiny_zoo):
     zoo = open_zoo(tiny_zoo)
     W, _ = zoo.weights(epochs=[3], splits=["train"])
@@ -121,6 +124,7 @@ def test_actors_return_per_epoch_accuracy_for_every_model(ray_local, tiny_zoo):
     assert results[1]["metrics"]["test_acc"][0].mean() > results[0]["metrics"]["test_acc"][0].mean()
 
 
+@pytest.mark.slow
 def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     zoo = open_zoo(tiny_zoo)
     W, _ = zoo.weights(epochs=[2, 3], splits=["train"])
@@ -184,6 +188,7 @@ def test_methods_draw_from_distinct_seeded_streams():
     assert _method_seed(tiny_config(seed=1), "generate", "S_KDE") != seeds["S_KDE"]
 
 
+@pytest.mark.slow
 def test_shipped_configs_validate_and_bad_zoo_is_clear(tiny_zoo, tmp_path):
     for path in sorted((ROOT / "configs" / "populations").glob("*.yaml")):
         cfg = load(PopulationsConfig, path)
@@ -196,6 +201,7 @@ def test_shipped_configs_validate_and_bad_zoo_is_clear(tiny_zoo, tmp_path):
                         progress=False)
 
 
+@pytest.mark.slow
 def test_cli_sample_then_finetune_with_a_real_checkpoint(ray_local, tiny_zoo, tmp_path, capsys):
     """`raysys sample` loads a real HyperRepresentation checkpoint (untrained, tiny), decodes and
     checks the layout; `raysys finetune` trains the saved population on an actor."""

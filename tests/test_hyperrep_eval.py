@@ -35,9 +35,10 @@ def write_tiny_zoo(root, per_activation: int = 10):
         specs = [ModelSpec(i, seed=i, init=("kaiming_uniform", "xavier_normal")[i % 2], activation=act,
                            lr=(3e-3, 1e-2)[(i // 2) % 2]) for i in ids]
         tables = []
-        train_population("tetris_ffn", specs, data, EPOCHS, lambda e, w, m: tables.append(rows_table(
-            layout.num_params, list(ids), e, [splits[i] for i in ids], w.numpy(), m,
-            [s.hyperparameters() for s in specs])))
+        def keep(e, w, m, ids=ids, specs=specs, tables=tables):  # bound now, not at the loop's end
+            tables.append(rows_table(layout.num_params, list(ids), e, [splits[i] for i in ids], w.numpy(), m,
+                                     [s.hyperparameters() for s in specs]))
+        train_population("tetris_ffn", specs, data, EPOCHS, keep)
         writer.write_shard(shard, pa.concat_tables(tables), ids)
     return root
 
@@ -65,6 +66,7 @@ def trained(tmp_path_factory, one_thread):
     return {"root": root, "zoo": zoo, "ckpt": root / "ckpt", "uri": uri, "summary": summary}
 
 
+@pytest.mark.slow
 def test_eval_cli_end_to_end(trained, capsys):
     from raysys.cli import main
     from raysys.hyperrep.model import HyperRepresentation
@@ -188,6 +190,7 @@ def test_eval_cli_end_to_end(trained, capsys):
         "eval.json", "probes.csv", "accuracy.csv", "reconstruction.png", "latent_pca.png"}
 
 
+@pytest.mark.slow
 def test_eval_cli_bad_checkpoint_is_a_clear_error(trained, capsys, tmp_path):
     from raysys.cli import main
 
@@ -197,6 +200,7 @@ def test_eval_cli_bad_checkpoint_is_a_clear_error(trained, capsys, tmp_path):
     assert "not a hyper-representation checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_zoo_dataset_refuses_different_images(trained):
     from raysys.hyperrep.evaluate import zoo_dataset
 
@@ -296,6 +300,7 @@ def test_verdict_says_when_the_autoencoder_loses_to_pca():
     assert worse["beats_mean"] is False and "not above the train-mean predictor's -0.010" in worse["verdict"]
 
 
+@pytest.mark.slow
 def test_baselines_cli_matches_sklearn_and_brute_force(trained, capsys, tmp_path):
     """`raysys hyperrep baselines` fits PCA-k and the mean on the train split's window and scores the test split;
     the nearest-training-state row is the closest training row in L2."""

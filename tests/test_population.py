@@ -83,6 +83,7 @@ def _specs(n, optimizer="adam", activation="tanh", dropout=0.0, inits=None, lrs=
     ("sgd", "relu", 0.0),
     ("adam", "gelu", 0.25),
 ])
+@pytest.mark.slow
 def test_cnn_s_population_matches_train_one(small_digits, optimizer, activation, dropout):
     specs = _specs(4, optimizer, activation, dropout)
     ref = _one_at_a_time("cnn_s", specs, small_digits, EPOCHS)
@@ -94,6 +95,7 @@ def test_cnn_s_population_matches_train_one(small_digits, optimizer, activation,
     assert torch.cdist(final, final).fill_diagonal_(1.0).min() > 0
 
 
+@pytest.mark.slow
 def test_sliced_first_layer_matches_train_one(small_digits, monkeypatch):
     """The cache-sized slices of the fused conv+pool (training) and of evaluation's first layer,
     forced down to 3 images so a batch of 10 is cut into 3+3+3+1: still train_one's numbers."""
@@ -107,6 +109,7 @@ def test_sliced_first_layer_matches_train_one(small_digits, monkeypatch):
     _assert_same(ref, got)
 
 
+@pytest.mark.slow
 def test_unsliced_first_layer_the_gpu_setting_matches_train_one(small_digits, monkeypatch):
     """The GPU's slice settings (one slice per batch and per evaluation chunk), run on the CPU:
     the same numbers, and no buffer sized by the (huge) slice limit itself."""
@@ -180,6 +183,7 @@ def test_models_share_a_group_only_where_it_pays():
     assert _models_per_group(24, 8, cuda) == 1
 
 
+@pytest.mark.slow
 def test_tetris_ffn_population_matches_train_one():
     data = datasets.load("tetris", copies=4)
     specs = _specs(5, "sgd", "sigmoid", 0.1, inits=["uniform", "normal", "kaiming_uniform"], lrs=[0.1, 0.03])
@@ -188,6 +192,7 @@ def test_tetris_ffn_population_matches_train_one():
     _assert_same(ref, got)
 
 
+@pytest.mark.slow
 def test_init_weights_equal_train_one_with_preloaded_model(small_digits):
     specs = _specs(4, "adam", "tanh")
     g = torch.Generator().manual_seed(0)
@@ -200,6 +205,7 @@ def test_init_weights_equal_train_one_with_preloaded_model(small_digits):
     _assert_same(ref, got)
 
 
+@pytest.mark.slow
 def test_diverged_model_does_not_poison_the_others(small_digits):
     specs = _specs(4, "adam", "relu")
     layout = architectures.layout_of("cnn_s")
@@ -237,6 +243,7 @@ def test_bad_init_weights_shape_is_refused(small_digits):
         train_population("cnn_s", _specs(2), small_digits, 1, init_weights=torch.zeros(2, 100))
 
 
+@pytest.mark.slow
 def test_cnn_m_uses_the_same_semantics():
     data = datasets.load("digits", size=32)
     data = dataclasses.replace(data, x_train=_jitter(data.x_train[:40], 0), y_train=data.y_train[:40],

@@ -10,7 +10,7 @@ from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 
 from raysys.architectures import Layer, Layout, Tensor, layout_of
-from raysys.probes import (ALPHAS, LayerStatistics, LinearClassifierProbe, LinearProbe, ProbeError,
+from raysys.probes import (ALPHAS, CS, LayerStatistics, LinearClassifierProbe, LinearProbe, ProbeError,
                            ood_probes, probe_all, r2)
 
 
@@ -58,7 +58,7 @@ def test_layer_statistics_rejects_wrong_width():
 def test_ridge_probe_equals_sklearn_ridge_on_standardized_features():
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(120, 15)) * rng.uniform(0.1, 10, 15), rng.normal(size=120)
-    probe = LinearProbe(alphas=[2.5]).fit(X[:80], y[:80], X[80:100], y[80:100])
+    probe = LinearProbe(alphas=[2.5], validation_data=(X[80:100], y[80:100])).fit(X[:80], y[:80])
     scaler = StandardScaler().fit(X[:80])
     ref = Ridge(alpha=2.5).fit(scaler.transform(X[:80]), y[:80])
     np.testing.assert_allclose(probe.predict(X[100:]), ref.predict(scaler.transform(X[100:])), atol=1e-9)
@@ -78,7 +78,7 @@ def _selection_data(seed=0):
 
 def test_alpha_is_chosen_on_validation_not_test():
     X, y = _selection_data()
-    probe = LinearProbe().fit(X["train"], y["train"], X["val"], y["val"])  # no test data given at all
+    probe = LinearProbe(validation_data=(X["val"], y["val"])).fit(X["train"], y["train"])  # no test data at all
     # Independently: score every α on val and on test with sklearn's Ridge.
     scaler = StandardScaler().fit(X["train"])
     scores = {s: [] for s in ("val", "test")}
@@ -92,7 +92,7 @@ def test_alpha_is_chosen_on_validation_not_test():
     assert probe.alpha_ == val_best
     assert probe.val_r2_ == pytest.approx(max(scores["val"]), abs=1e-9)
     # The probe scored on test is the train-fitted one at validation's α, not a test-tuned one.
-    assert probe.score(X["test"], y["test"])["r2"] < max(scores["test"])
+    assert probe.score(X["test"], y["test"]) < max(scores["test"])
 
 
 def test_probe_all_never_uses_test_for_selection():
@@ -122,9 +122,9 @@ def test_probe_finds_linear_signal_and_no_signal_in_noise():
     signal = X @ rng.normal(size=40) + 0.3 * rng.normal(size=600)
     noise = rng.normal(size=600)
     tr, va, te = slice(0, 400), slice(400, 500), slice(500, 600)
-    good = LinearProbe().fit(X[tr], signal[tr], X[va], signal[va]).score(X[te], signal[te])
+    good = LinearProbe(validation_data=(X[va], signal[va])).fit(X[tr], signal[tr]).scores(X[te], signal[te])
     assert good["r2"] > 0.95 and good["kendall_tau"] > 0.85
-    bad = LinearProbe().fit(X[tr], noise[tr], X[va], noise[va]).score(X[te], noise[te])
+    bad = LinearProbe(validation_data=(X[va], noise[va])).fit(X[tr], noise[tr]).scores(X[te], noise[te])
     assert abs(bad["r2"]) < 0.1
 
 
@@ -134,14 +134,14 @@ def test_classifier_probe_accuracy():
     logits = X[:, :3] @ rng.normal(size=(3, 3)) * 4
     labels = np.array(["kaiming", "normal", "uniform"])[logits.argmax(1)]
     tr, va, te = slice(0, 300), slice(300, 375), slice(375, 450)
-    probe = LinearClassifierProbe().fit(X[tr], labels[tr], X[va], labels[va])
-    assert probe.score(X[te], labels[te])["accuracy"] > 0.85
+    probe = LinearClassifierProbe(validation_data=(X[va], labels[va])).fit(X[tr], labels[tr])
+    assert probe.score(X[te], labels[te]) > 0.85
     assert probe.val_accuracy_ == max(probe.val_scores_.values())
     shuffled = rng.permutation(labels)
-    chance = LinearClassifierProbe().fit(X[tr], shuffled[tr], X[va], shuffled[va]).score(X[te], shuffled[te])
-    assert chance["accuracy"] < 0.55
+    chance = LinearClassifierProbe(validation_data=(X[va], shuffled[va])).fit(X[tr], shuffled[tr])
+    assert chance.score(X[te], shuffled[te]) < 0.55
     with pytest.raises(ProbeError, match="two classes"):
-        LinearClassifierProbe().fit(X[tr], np.zeros(300), X[va], labels[va])
+        LinearClassifierProbe(validation_data=(X[va], labels[va])).fit(X[tr], np.zeros(300))
 
 
 def test_ood_probe_keeps_order_under_an_offset():
@@ -163,3 +163,74 @@ def test_probe_all_rejects_misaligned_frames():
     frames = {s: pd.DataFrame({"test_acc": np.arange(4.0)}) for s in X}
     with pytest.raises(ProbeError, match="row-aligned"):
         probe_all({"X": X}, frames)
+
+
+# --- scikit-learn estimator API ---------------------------------------------------------------
+
+def test_probes_follow_the_sklearn_estimator_api():
+    from sklearn.base import clone, is_classifier, is_regressor
+    from sklearn.exceptions import NotFittedError
+    rng = np.random.default_rng(5)
+    X, y = rng.normal(size=(90, 6)), rng.normal(size=90)
+    labels = np.where(X[:, 0] + 0.3 * rng.normal(size=90) > 0, "relu", "tanh")
+    alphas, val = [0.1, 10.0], (X[60:], y[60:])
+    ridge = LinearProbe(alphas=alphas, validation_data=val)
+    assert ridge.get_params() == {"alphas": alphas, "validation_data": val}
+    assert ridge.get_params()["alphas"] is alphas  # parameters are stored unchanged
+    assert set(LinearClassifierProbe().get_params()) == {"Cs", "max_iter", "validation_data"}
+    assert is_regressor(ridge) and is_classifier(LinearClassifierProbe())
+    with pytest.raises(NotFittedError):
+        ridge.predict(X)
+    assert ridge.fit(X[:60], y[:60]) is ridge
+    for fitted, target in ((ridge, y), (LinearClassifierProbe(validation_data=(X[60:], labels[60:])), labels)):
+        fitted.fit(X[:60], target[:60])
+        twin = clone(fitted)  # unfitted, same parameters
+        assert not hasattr(twin, "scaler_") and twin.get_params().keys() == fitted.get_params().keys()
+        np.testing.assert_array_equal(twin.fit(X[:60], target[:60]).predict(X), fitted.predict(X))
+        assert isinstance(fitted.score(X, target), float)
+    assert ridge.score(X, y) == ridge.scores(X, y)["r2"]
+    with pytest.raises(ProbeError, match="validation_data"):
+        LinearProbe().fit(X, y)
+
+
+def _reference_ridge(Xt, yt, Xv, yv, alphas):
+    """The probe of the previous (``fit(X_train, y_train, X_val, y_val)``) implementation, frozen."""
+    scaler = StandardScaler().fit(np.asarray(Xt, np.float64))
+    A, B = scaler.transform(np.asarray(Xt, np.float64)), scaler.transform(np.asarray(Xv, np.float64))
+    yt, yv = np.asarray(yt, np.float64), np.asarray(yv, np.float64)
+    icpt = float(yt.mean())
+    U, s, Vt = np.linalg.svd(A, full_matrices=False)
+    uty = U.T @ (yt - icpt)
+    alphas = sorted(alphas)
+    coefs = [Vt.T @ (s / (s ** 2 + a) * uty) for a in alphas]
+    scores = [r2(yv, B @ c + icpt) for c in coefs]
+    best = len(alphas) - 1 - int(np.argmax(np.nan_to_num(np.asarray(scores), nan=-np.inf)[::-1]))
+    return scaler, alphas[best], coefs[best], icpt, scores[best]
+
+
+def test_probes_are_identical_to_the_previous_implementation():
+    import warnings
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(160, 12)).astype(np.float32)
+    y = X[:, :3] @ rng.normal(size=3) + 0.5 * rng.normal(size=160)
+    tr, va, te = slice(0, 100), slice(100, 130), slice(130, 160)
+    probe = LinearProbe(validation_data=(X[va], y[va])).fit(X[tr], y[tr])
+    scaler, alpha, coef, icpt, val_r2 = _reference_ridge(X[tr], y[tr], X[va], y[va], ALPHAS)
+    assert (probe.alpha_, probe.intercept_, probe.val_r2_) == (alpha, icpt, val_r2)
+    np.testing.assert_array_equal(probe.coef_, coef)
+    np.testing.assert_array_equal(probe.predict(X[te]), scaler.transform(X[te].astype(np.float64)) @ coef + icpt)
+    labels = np.array(["a", "b", "c"])[(X[:, :3] @ rng.normal(size=(3, 3))).argmax(1)]
+    clf = LinearClassifierProbe(validation_data=(X[va], labels[va])).fit(X[tr], labels[tr])
+    scaler = StandardScaler().fit(X[tr].astype(np.float64))
+    best = None
+    for C in sorted(CS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            m = LogisticRegression(C=C, max_iter=300).fit(scaler.transform(X[tr].astype(np.float64)), labels[tr])
+        acc = float(np.mean(m.predict(scaler.transform(X[va].astype(np.float64))) == labels[va]))
+        if best is None or acc > best[0]:
+            best = (acc, C, m)
+    assert (clf.val_accuracy_, clf.C_) == best[:2]
+    np.testing.assert_array_equal(clf.predict(X[te]), best[2].predict(scaler.transform(X[te].astype(np.float64))))

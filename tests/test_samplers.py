@@ -59,7 +59,7 @@ def test_top_fraction_uses_validation_accuracy():
     rng = np.random.default_rng(5)
     val = rng.permutation(m) / m
     test = 1.0 - val  # the test ranking is the opposite: selecting by it would pick the other rows
-    sampler = make_sampler("S_KDE30", bandwidth=0.0, random_state=0).fit(Z, val_accuracy=val)
+    sampler = make_sampler("S_KDE30", bandwidth=0.0, random_state=0).fit(Z, y=val)  # y: validation accuracy
     top_val = set(np.argsort(-val)[:6])
     assert set(np.flatnonzero(sampler.selected_)) == top_val
     drawn = set(np.unique(sampler.sample(500)).astype(int))
@@ -131,3 +131,110 @@ def test_bad_inputs_are_clear_errors():
         validate(PopulationsConfig, {"methods": ["B_F"]})
     with pytest.raises(ConfigError, match="unknown key"):
         validate(PopulationsConfig, {"sampling": {"bandwith": 0.1}})
+
+
+# --- scikit-learn estimator API ---------------------------------------------------------------
+
+def _snapshot(sampler) -> dict:
+    """vars(sampler) with generators replaced by their full state, for exact comparison."""
+    return {k: v.bit_generator.state if isinstance(v, np.random.Generator) else np.array(v, copy=True)
+            for k, v in vars(sampler).items()}
+
+
+def _assert_same_state(before: dict, after: dict):
+    assert before.keys() == after.keys()
+    for k in before:
+        if isinstance(before[k], dict):
+            assert before[k] == after[k], k
+        else:
+            np.testing.assert_array_equal(before[k], after[k], err_msg=k)
+
+
+SAMPLERS = [KDESampler(bandwidth=0.2, top_fraction=0.5, random_state=3), KDESampler(joint=True, random_state=3),
+            UniformSampler(random_state=3)]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["S_KDE30", "S_KDE_joint", "S_U"])
+def test_samplers_are_sklearn_estimators(sampler):
+    from sklearn.base import clone
+    params = sampler.get_params()
+    assert set(params) == ({"random_state"} if isinstance(sampler, UniformSampler)
+                           else {"bandwidth", "top_fraction", "joint", "random_state"})
+    Z = np.random.default_rng(0).normal(size=(20, 5))
+    val = np.linspace(0, 1, 20)
+    fitted = clone(sampler).fit(Z, val)
+    twin = clone(fitted)
+    assert twin.get_params() == params and not hasattr(twin, "rng_")
+    np.testing.assert_array_equal(twin.fit(Z, val).sample(7), fitted.sample(7))
+    assert fitted.set_params(random_state=4).fit(Z, val).random_state == 4
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=["S_KDE30", "S_KDE_joint", "S_U"])
+def test_sample_changes_no_state_and_is_seeded(sampler):
+    from sklearn.base import clone
+    Z = np.random.default_rng(1).normal(size=(30, 6))
+    s = clone(sampler).fit(Z, np.linspace(0, 1, 30))
+    before = _snapshot(s)
+    first = s.sample(9)
+    _assert_same_state(before, _snapshot(s))
+    np.testing.assert_array_equal(s.sample(9), first)  # no hidden state: the same draw again
+    np.testing.assert_array_equal(s.sample(9, random_state=3), first)  # the constructor's seed, given explicitly
+    np.testing.assert_array_equal(s.sample(9, random_state=11), s.sample(9, random_state=11))
+    assert not np.array_equal(s.sample(9, random_state=11), first)
+    gen = np.random.default_rng(11)  # a caller's generator is advanced: successive draws differ
+    a, b = s.sample(9, random_state=gen), s.sample(9, random_state=gen)
+    np.testing.assert_array_equal(a, s.sample(9, random_state=11))
+    assert not np.array_equal(a, b)
+    _assert_same_state(before, _snapshot(s))
+
+
+def test_a_generator_given_at_construction_is_not_advanced():
+    gen = np.random.default_rng(5)
+    state = gen.bit_generator.state
+    s = KDESampler(random_state=gen).fit(np.random.default_rng(2).normal(size=(10, 3)))
+    a = s.sample(4)
+    assert gen.bit_generator.state == state and s.random_state is gen
+    np.testing.assert_array_equal(a, KDESampler(random_state=5).fit(s.anchors_).sample(4))
+
+
+class _PreviousKDESampler:
+    """The KDE sampler before it became a BaseEstimator (sample advanced self.rng_), frozen."""
+
+    def __init__(self, bandwidth, top_fraction, joint, random_state):
+        self.bandwidth, self.top_fraction, self.joint, self.random_state = bandwidth, top_fraction, joint, random_state
+
+    def fit(self, Z, val_accuracy=None):
+        from raysys.populations.samplers import bandwidths
+        Z = np.asarray(Z, np.float64)
+        if self.top_fraction is not None:
+            Z = Z[top_fraction_mask(val_accuracy, self.top_fraction)]
+        self.anchors_ = Z
+        self.bandwidth_ = bandwidths(Z, self.bandwidth, dims=Z.shape[1] if self.joint else 1)
+        self.rng_ = np.random.default_rng(self.random_state)
+        return self
+
+    def sample(self, n):
+        m, d = self.anchors_.shape
+        if self.joint:
+            rows = self.rng_.integers(0, m, size=(n, 1)).repeat(d, axis=1)
+        else:
+            rows = self.rng_.integers(0, m, size=(n, d))
+        base = self.anchors_[rows, np.arange(d)[None, :]]
+        return (base + self.rng_.standard_normal((n, d)) * self.bandwidth_[None, :]).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["S_KDE", "S_KDE30", "S_KDE_joint", "S_U"])
+@pytest.mark.parametrize("bandwidth", ["scott", "silverman", 0.05])
+def test_samples_are_identical_to_the_previous_implementation(name, bandwidth):
+    """The populations stage and the search draw once from a freshly fitted, seeded sampler: those
+    draws are bit-identical to the previous (state-advancing) implementation's."""
+    rng = np.random.default_rng(8)
+    Z, val = rng.normal(size=(37, 9)), rng.uniform(size=37)
+    new = make_sampler(name, bandwidth, 0.3, random_state=12345).fit(Z, val).sample(25)
+    if name == "S_U":
+        old = np.random.default_rng(12345).uniform(Z.min(0), Z.max(0), size=(25, 9)).astype(np.float32)
+    else:
+        old = _PreviousKDESampler(bandwidth, 0.3 if name == "S_KDE30" else None, name == "S_KDE_joint",
+                                  12345).fit(Z, val).sample(25)
+    assert new.dtype == old.dtype == np.float32
+    np.testing.assert_array_equal(new, old)

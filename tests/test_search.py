@@ -221,6 +221,7 @@ def _interrupt_mid_trial(out: Path, epochs: int, stop: threading.Event) -> None:
 EPOCHS = 6  # long enough for the interruption to catch a trial part-way through training
 
 
+@pytest.mark.slow
 def test_search_interrupted_and_resumed_keeps_every_trial(tmp_path, ray_local, mlflow_uri):
     from mlflow.tracking import MlflowClient
 

@@ -122,6 +122,7 @@ def test_readable_by_plain_pyarrow_and_pandas(tmp_path):
     assert np.asarray(df.weights.iloc[0]).reshape(-1).shape == (P,)
 
 
+@pytest.mark.slow
 def test_readable_by_ray_data(tmp_path, ray_local):
     import ray.data
 

@@ -141,6 +141,7 @@ def _reference_weights(tmp_path):
     return open_zoo(tmp_path / "reference").weights()
 
 
+@pytest.mark.slow
 def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_local, mlflow_uri):
     from mlflow.tracking import MlflowClient
 

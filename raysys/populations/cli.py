@@ -44,7 +44,7 @@ def _ray_init(address: str | None):
 
 
 def cmd_sample(args) -> int:
-    from raysys.populations import generate, stage
+    from raysys.populations import stage
 
     cfg = _config(args)
     if args.num_models is not None:

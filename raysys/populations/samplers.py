@@ -1,6 +1,10 @@
 """Samplers over hyper-representation latents, and the weight-space noise baseline.
 
-sklearn shapes: ``fit(Z[, val_accuracy])`` then ``sample(n) -> [n, D]``, seeded by ``random_state``.
+scikit-learn estimators (``BaseEstimator``: parameters in ``__init__``, ``clone``/``get_params``):
+``fit(Z, y=None)`` (``y``: each anchor's validation accuracy, used by ``top_fraction``) then
+``sample(n, random_state=None) -> [n, D]``. ``sample`` changes no state: it draws from a copy of
+the generator ``fit`` seeded from the constructor's ``random_state`` (so repeated calls repeat the
+draw), or from ``random_state`` when given (an int, or a ``np.random.Generator`` that it advances).
 
 * S_KDE (000 §3.2): a Gaussian KDE per latent dimension, each dimension drawn **independently**.
   Drawing from a 1-D Gaussian KDE is "pick an anchor, add kernel noise"; every dimension must
@@ -16,7 +20,10 @@ sklearn shapes: ``fit(Z[, val_accuracy])`` then ``sample(n) -> [n, D]``, seeded 
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from raysys.config import RaysysError
 
@@ -66,7 +73,17 @@ def bandwidths(Z: np.ndarray, bandwidth, dims: int = 1) -> np.ndarray:
     return factor * std
 
 
-class KDESampler:
+def _fitted_rng(random_state) -> np.random.Generator:
+    """The generator ``fit`` keeps: seeded from ``random_state``, never the caller's own object."""
+    return np.random.default_rng(copy.deepcopy(random_state))
+
+
+def _draw_rng(sampler, random_state) -> np.random.Generator:
+    """The generator one ``sample`` call draws from; the sampler's own ``rng_`` is never advanced."""
+    return copy.deepcopy(sampler.rng_) if random_state is None else np.random.default_rng(random_state)
+
+
+class KDESampler(BaseEstimator):
     """Gaussian KDE sampler over latent vectors (S_KDE, S_KDE30, S_KDE_joint)."""
 
     def __init__(self, bandwidth: float | str = "scott", top_fraction: float | None = None,
@@ -76,8 +93,9 @@ class KDESampler:
         self.joint = joint
         self.random_state = random_state
 
-    def fit(self, Z, val_accuracy=None) -> "KDESampler":
-        Z = _as_matrix(Z)
+    def fit(self, Z, y=None) -> "KDESampler":
+        """``y``: the validation accuracy of each anchor (required with ``top_fraction``)."""
+        Z, val_accuracy = _as_matrix(Z), y
         if self.top_fraction is not None:
             if val_accuracy is None:
                 raise RaysysError("top_fraction is set but no val_accuracy was given. Pass the validation accuracy "
@@ -91,39 +109,40 @@ class KDESampler:
             self.selected_ = np.ones(len(Z), bool)
         self.anchors_ = Z
         self.bandwidth_ = bandwidths(Z, self.bandwidth, dims=Z.shape[1] if self.joint else 1)
-        self.rng_ = np.random.default_rng(self.random_state)
+        self.rng_ = _fitted_rng(self.random_state)
         return self
 
-    def sample(self, n: int) -> np.ndarray:
+    def sample(self, n: int, random_state=None) -> np.ndarray:
         if not hasattr(self, "anchors_"):
             raise RaysysError("call fit(Z) before sample(n).")
+        rng = _draw_rng(self, random_state)
         m, d = self.anchors_.shape
         if self.joint:
-            rows = self.rng_.integers(0, m, size=(n, 1)).repeat(d, axis=1)
+            rows = rng.integers(0, m, size=(n, 1)).repeat(d, axis=1)
         else:
             # One anchor per (sample, dimension): the independence of 000 §3.2.
-            rows = self.rng_.integers(0, m, size=(n, d))
-        self.last_rows_ = rows
+            rows = rng.integers(0, m, size=(n, d))
         base = self.anchors_[rows, np.arange(d)[None, :]]
-        return (base + self.rng_.standard_normal((n, d)) * self.bandwidth_[None, :]).astype(np.float32)
+        return (base + rng.standard_normal((n, d)) * self.bandwidth_[None, :]).astype(np.float32)
 
 
-class UniformSampler:
+class UniformSampler(BaseEstimator):
     """S_U: uniform within the per-dimension [min, max] of the anchors."""
 
     def __init__(self, random_state: int | None = None):
         self.random_state = random_state
 
-    def fit(self, Z, val_accuracy=None) -> "UniformSampler":
+    def fit(self, Z, y=None) -> "UniformSampler":
         Z = _as_matrix(Z)
         self.low_, self.high_ = Z.min(axis=0), Z.max(axis=0)
-        self.rng_ = np.random.default_rng(self.random_state)
+        self.rng_ = _fitted_rng(self.random_state)
         return self
 
-    def sample(self, n: int) -> np.ndarray:
+    def sample(self, n: int, random_state=None) -> np.ndarray:
         if not hasattr(self, "low_"):
             raise RaysysError("call fit(Z) before sample(n).")
-        return self.rng_.uniform(self.low_, self.high_, size=(n, len(self.low_))).astype(np.float32)
+        rng = _draw_rng(self, random_state)
+        return rng.uniform(self.low_, self.high_, size=(n, len(self.low_))).astype(np.float32)
 
 
 def make_sampler(name: str, bandwidth: float | str = "scott", top_fraction: float = 0.3,
