@@ -3,15 +3,16 @@
 weights [B, P] -> tokens [B, T, D] (one per neuron / kernel) -> per-layer linear embedding
 + learned positions, compression token(s) prepended -> transformer encoder -> the compression
 tokens' outputs, concatenated -> linear -> tanh = z [B, latent]. There are ceil(latent / d_model)
-compression tokens, so z can have full rank: one d_model-wide token would cap it at d_model. The decoder mirrors it: linear from z to the whole
-sequence, + positions, transformer, per-layer linear back to token weights -> [B, P].
-A small MLP projection head maps z to the space of the contrastive loss.
+compression tokens, so z can have full rank (one d_model-wide token would cap it at d_model).
+The decoder mirrors it: linear from z to the whole sequence, + positions, transformer, per-layer
+linear back to token weights -> [B, P]. A small MLP projection head maps z to the space of the
+contrastive loss.
 
 With ``model.linear_path`` a fixed linear encoder/decoder pair runs beside the transformers:
-z = tanh(transformer part + linear part), weights =
-transformer part + linear part. The linear pair is PCA of the training split with latent_dim
-components and the transformer parts start at zero, so training begins at the linear yardstick
-and the transformers learn what PCA misses. It needs unpermuted inputs (an aligned zoo, ``augment.permute=false``).
+z = tanh(transformer part + linear part), weights = transformer part + linear part. The linear
+pair is PCA of the training split with latent_dim components and the transformer parts start at
+zero, so training begins at the linear yardstick and the transformers learn what PCA misses. It
+needs unpermuted inputs (an aligned zoo, ``augment.permute=false``).
 """
 from __future__ import annotations
 
@@ -122,6 +123,8 @@ class HyperRepresentation(nn.Module):
     def set_layer_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         self.lwln_mean.copy_(mean)
         self.lwln_std.copy_(std)
+
+    # --- the linear path ---------------------------------------------------------------------
 
     @torch.no_grad()
     def init_linear_path(self, weights: torch.Tensor, scale: float = 0.05) -> None:
