@@ -124,6 +124,12 @@ class HyperRepresentation(nn.Module):
         self.lwln_mean.copy_(mean)
         self.lwln_std.copy_(std)
 
+    def loss_weights(self) -> torch.Tensor | None:
+        """Per-parameter 1 / sigma_l^2 [P] when LWLN is on, else None (plain MSE)."""
+        if not self.config.loss.lwln:
+            return None
+        return self.lwln_std[self.tokenizer.param_group].pow(-2)
+
     # --- the linear path ---------------------------------------------------------------------
 
     @torch.no_grad()
@@ -147,12 +153,6 @@ class HyperRepresentation(nn.Module):
         enc[:n], dec[:, :n] = vt[:n] * (scale / std)[:, None], (vt[:n] * (std / scale)[:, None]).T
         self.linear_encoder.copy_(enc.float())
         self.linear_decoder.copy_(dec.float())
-
-    def loss_weights(self) -> torch.Tensor | None:
-        """Per-parameter 1 / sigma_l^2 [P] when LWLN is on, else None (plain MSE)."""
-        if not self.config.loss.lwln:
-            return None
-        return self.lwln_std[self.tokenizer.param_group].pow(-2)
 
     # --- public API: batched, no grad ----------------------------------------------------------
 
