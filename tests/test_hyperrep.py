@@ -227,6 +227,79 @@ def test_save_load_gives_identical_outputs(tmp_path):
         HyperRepresentation.load(tmp_path)
 
 
+def _step_setup(beta=1.0, seed=0, **augment):
+    layout = layout_of("cnn_s", 1, 10)
+    cfg = validate(HyperRepConfig, {**TINY, "loss": {"beta": beta},
+                                    "augment": {"permute": False, "erase_p": 0.0, **augment}})
+    torch.manual_seed(seed)
+    model = HyperRepresentation(cfg, layout)
+    w = torch.stack([flatten(m) for m in random_models("cnn_s", 6)])
+    model.set_layer_statistics(*layer_statistics(w, model.tokenizer.param_group, model.tokenizer.num_groups))
+    aug = Augmenter(layout, cfg.augment.permute, cfg.augment.erase_p, cfg.augment.erase_low, cfg.augment.erase_high,
+                    cfg.augment.noise_std)
+    return cfg, model, aug, w
+
+
+def test_single_view_step_equals_the_two_identical_views_it_replaces():
+    """beta = 1, no augmentation, no dropout: the step computes one view; the trajectory is that of two."""
+    from raysys.hyperrep.train import make_optimizer, train_step
+
+    cfg, fast, aug, w = _step_setup()
+    _, slow, _, _ = _step_setup()
+    assert aug.is_identity
+    opt_fast, opt_slow = make_optimizer(fast, 1e-3, 0.0), make_optimizer(slow, 1e-3, 0.0)
+    inv_var = fast.loss_weights()
+    for _ in range(5):
+        out = train_step(fast, opt_fast, aug, w, torch.Generator(), cfg.loss, inv_var)
+        recon = slow(torch.cat([w, w]))[1]
+        loss = reconstruction_loss(recon, torch.cat([w, w]), inv_var)
+        opt_slow.zero_grad()
+        loss.backward()
+        opt_slow.step()
+        assert out[0] == out[1] and torch.isnan(out[2])  # reconstruction only; no contrastive pair
+        torch.testing.assert_close(out[1], loss.detach(), rtol=1e-5, atol=0)
+    # Compare functions, not parameters: attention's key bias gets a zero gradient up to rounding, and Adam
+    # turns rounding noise into full-size steps of either sign; the outputs do not depend on it.
+    torch.testing.assert_close(fast.decode(fast.encode(w)), slow.decode(slow.encode(w)), rtol=1e-3, atol=1e-5)
+    # with noise the two views differ, and both are computed
+    cfg, model, aug, w = _step_setup(beta=1.0, noise_std=0.01)
+    assert not aug.is_identity
+    out = train_step(model, make_optimizer(model, 1e-3, 0.0), aug, w, torch.Generator().manual_seed(0),
+                     cfg.loss, model.loss_weights())
+    assert torch.isfinite(out).all()
+
+
+def test_fused_optimizer_matches_the_per_tensor_one():
+    from raysys.hyperrep.train import make_optimizer, train_step
+
+    cfg, a, aug, w = _step_setup(beta=0.9, noise_std=0.01)
+    _, b, _, _ = _step_setup(beta=0.9, noise_std=0.01)
+    opt_a = make_optimizer(a, 1e-3, 1e-5)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-3, weight_decay=1e-5, foreach=False)
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(5):
+        la = train_step(a, opt_a, aug, w, ga, cfg.loss, a.loss_weights())
+        lb = train_step(b, opt_b, aug, w, gb, cfg.loss, b.loss_weights())
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(a.decode(a.encode(w)), b.decode(b.encode(w)), rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_step_stays_close_to_fp32():
+    """bf16 autocast (slow on CPUs without bf16 units, but it must be correct): the same losses within
+    bf16's ~3 significant digits, over a few steps."""
+    from raysys.hyperrep.train import make_optimizer, train_step
+
+    cfg, a, aug, w = _step_setup(beta=0.9, noise_std=0.01)
+    _, b, _, _ = _step_setup(beta=0.9, noise_std=0.01)
+    opt_a, opt_b = make_optimizer(a, 1e-3, 0.0), make_optimizer(b, 1e-3, 0.0)
+    ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for _ in range(3):
+        la = train_step(a, opt_a, aug, w, ga, cfg.loss, a.loss_weights(), "fp32")
+        lb = train_step(b, opt_b, aug, w, gb, cfg.loss, b.loss_weights(), "bf16")
+        assert la.dtype == lb.dtype == torch.float32
+        torch.testing.assert_close(lb, la, rtol=0.03, atol=1e-3)
+
+
 @pytest.mark.parametrize("d_model,latent", [(16, 8), (16, 40)])
 def test_latent_has_full_rank_even_when_wider_than_a_token(d_model, latent):
     """z is a linear map of the compression tokens' outputs: with one d_model-wide token its rank would be

@@ -98,6 +98,11 @@ class Augmenter:
         self.erase = (erase_p, erase_low, erase_high)
         self.noise_std = noise_std
 
+    @property
+    def is_identity(self) -> bool:
+        """True when every view is the input itself (no permutation, erasing or noise)."""
+        return self.permuter is None and self.erase[0] <= 0 and self.noise_std <= 0
+
     def view(self, weights: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         clean = self.permuter(weights, generator) if self.permuter is not None else weights
         noisy = add_noise(random_erase(clean, *self.erase, generator=generator), self.noise_std, generator)

@@ -61,6 +61,8 @@ class TrainConfig(Config):
     epoch_window: tuple[int, int] = Field((21, 25), description="zoo epochs used as training data, inclusive")
     seed: int = 0
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the forward pass under bfloat16 autocast "
+                                                "(CUDA; CPUs with AVX512-BF16 or AMX — elsewhere it is slower), losses in fp32")
     threads: int | None = Field(None, gt=0, description="CPU threads for torch during training (None: torch's default). "
                                 "1 is fastest on a busy shared machine, where threads spin waiting for cores")
 
