@@ -27,7 +27,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="output on the cluster's shared storage: an NFS path (/mnt/shared/...) or s3://bucket/prefix")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, set on cluster nodes by cluster.yaml)")
+                   help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, set on cluster nodes by cluster.yaml; "
+                        "without it, ./mlflow.db in the job's working directory: Ray's temporary copy of the uploaded files)")
     p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, set by `ray job submit`)")
     return p
 
@@ -45,10 +46,9 @@ def ray_address(address: str | None) -> str:
 def connect(address: str) -> None:
     import ray
 
-    from raysys.integrity import check_ray_address
+    from raysys.runtime import init_ray
 
-    check_ray_address(address)
-    ray.init(address=address, include_dashboard=False if address == "local" else None, configure_logging=False)
+    init_ray(address)
     print(f"raysys job: connected to Ray at {address}: {ray.cluster_resources()}", flush=True)
 
 

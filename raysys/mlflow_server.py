@@ -71,19 +71,3 @@ def serve(args: argparse.Namespace) -> int:
     # exec so that signals (Ctrl-C, SIGTERM from a process manager) reach mlflow directly
     os.execv(cmd[0], cmd)  # noqa: S606 - an argument list, no shell
     return 0  # unreachable
-
-
-def register(subparsers) -> None:
-    mlflow = subparsers.add_parser("mlflow", help="MLflow tracking server for raysys runs")
-    sub = mlflow.add_subparsers(dest="mlflow_command", required=True)
-    p = sub.add_parser("serve", help="run the MLflow tracking server (UI + REST API), localhost by default",
-                       description=__doc__.split("\n\n")[1].replace("\n", " "))
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--backend-store-uri", default=None,
-                   help="sqlite:////abs/path/mlflow.db or postgresql://... (default: ./mlflow.db, made absolute)")
-    p.add_argument("--artifacts-destination", default=None,
-                   help="directory or s3:// URI for artifacts (default: ./mlartifacts, made absolute)")
-    p.add_argument("--workers", type=int, default=1, help="server worker processes (default 1)")
-    p.add_argument("--dry-run", action="store_true", help="print the mlflow command instead of running it")
-    p.set_defaults(func=serve)

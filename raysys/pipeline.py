@@ -36,6 +36,7 @@ from raysys.config import Config, ConfigError, apply_overrides, read_yaml, valid
 from raysys.store import atomic_write_bytes, atomic_write_json
 
 STAGE_FILE = "stage.json"
+TRACKING_FILE = "tracking.json"  # the MLflow URI of the run into DIR, for reruns
 EXPERIMENTS = {"zoo": "raysys-zoo", "hyperrep": "raysys-hyperrep", "populations": "raysys-populations",
                "pipeline": "raysys-pipeline"}
 
@@ -52,7 +53,8 @@ class PipelineConfig(Config):
     evaluate: bool = True            # probes + figures of the autoencoder (DIR/hyperrep/eval)
     nolwln_baseline: bool = False    # also train the autoencoder without LWLN, for B_KDE30
     hyperrep_gpus: float = Field(0.0, ge=0)  # >0: train the autoencoder in a Ray task on a GPU node
-    tracking_uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///DIR/mlflow.db
+    # None: $MLFLOW_TRACKING_URI, else the URI a previous run into DIR recorded, else sqlite:///<cwd>/mlflow.db
+    tracking_uri: str | None = None
     ray_address: str | None = None   # None: $RAY_ADDRESS (set inside `ray job submit`), else a private local Ray
 
 
@@ -66,6 +68,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
     stages = stage_configs(config, config_dir)
     with output_dir(out_dir) as out, ray_session(config.ray_address) as start_ray:
         uri = tracking_uri(config, out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / TRACKING_FILE, {"tracking_uri": uri})
         stages["zoo"].mlflow.tracking_uri = uri
         stages["populations"].mlflow.tracking_uri = uri
         ensure_experiments(uri, [stages["zoo"].mlflow.experiment, EXPERIMENTS["hyperrep"],
@@ -288,14 +292,10 @@ def ray_session(address: str | None):
     started = []
 
     def start() -> None:
-        if ray.is_initialized():
-            return
-        where = address or os.environ.get("RAY_ADDRESS") or "local"
-        from raysys.integrity import check_ray_address
+        from raysys.runtime import init_ray
 
-        check_ray_address(where)
-        ray.init(address=where, include_dashboard=False if where == "local" else None, configure_logging=False)
-        started.append(where)
+        if init_ray(address):
+            started.append(address)
 
     try:
         yield start
@@ -305,9 +305,15 @@ def ray_session(address: str | None):
 
 
 def tracking_uri(config: PipelineConfig, out: Path) -> str:
+    """The config's URI, else ``$MLFLOW_TRACKING_URI``, else the one a previous run into ``out`` recorded
+    (a rerun keeps logging where it started; runs before this record used DIR/mlflow.db), else
+    ``sqlite:///<cwd>/mlflow.db``: the store every raysys command uses by default."""
     from raysys import tracking
 
-    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
+    uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        recorded = read_json(out / TRACKING_FILE).get("tracking_uri")
+        uri = recorded or (f"sqlite:///{out / 'mlflow.db'}" if (out / "mlflow.db").is_file() else None)
     return tracking.resolve_tracking_uri(uri)
 
 
@@ -479,18 +485,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
 
 def _cmd(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
+    if getattr(args, "tracking_uri", None):
+        config.tracking_uri = args.tracking_uri
+    if getattr(args, "address", None):
+        config.ray_address = args.address
     report = run_pipeline(config, args.out, config_dir=Path(args.config).parent, progress=not args.no_progress)
     print(f"raysys pipeline: done; report in {report['out_dir']}/report.md "
           f"(MLflow: {report['mlflow']['tracking_uri']}, run {report['mlflow']['pipeline_run']})")
     return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("pipeline", help="zoo -> hyper-representation -> populations -> report, in one command",
-                              description="Run every stage into --out; stages whose outputs match the config are skipped.")
-    p.add_argument("config", help="pipeline config YAML (see configs/pipeline/)")
-    p.add_argument("--out", required=True, help="output directory (local, NFS, or s3://bucket/prefix)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set zoo.epochs=5 or --set tracking_uri=http://127.0.0.1:5000")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd)

@@ -155,7 +155,7 @@ class SamplerDefaults(Config):
 
 
 class MlflowSettings(Config):
-    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<out>/mlflow.db")
+    tracking_uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db")
     experiment: str = "raysys-search"
 
 
@@ -576,6 +576,14 @@ def _trial_dirname(trial) -> str:
     return f"trial_{trial.trial_id}"  # Tune's default repeats every parameter and outgrows path limits
 
 
+_PROGRESS = {"show": True}
+
+
+def _show_progress() -> bool:
+    """Read at each trial event, so a resumed search (whose callbacks Tune restores) follows --no-progress too."""
+    return _PROGRESS["show"]
+
+
 def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking: dict):
     from ray.tune import Callback
 
@@ -600,9 +608,10 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking: d
             self.best = max(latest) if latest else None
             done = counts["completed"] + counts["pruned"] + counts["errored"]
             best = f"best {search.primary}={self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"
-            print(f"[search] {time.time() - self.started:6.0f}s {event:<9} {trial.trial_id}  done {done}/{search.num_samples} "
-                  f"(pruned {counts['pruned']}, errored {counts['errored']}), running {counts['running']} | {best}",
-                  flush=True)
+            if _show_progress():
+                print(f"[search] {time.time() - self.started:6.0f}s {event:<9} {trial.trial_id}  done {done}/"
+                      f"{search.num_samples} (pruned {counts['pruned']}, errored {counts['errored']}), "
+                      f"running {counts['running']} | {best}", flush=True)
             atomic_write_json(Path(out) / "progress.json",
                               {**counts, "done": done, "num_samples": search.num_samples, "metric": search.primary,
                                "best": None if self.best is None else {"value": self.best[0], "trial_id": self.best[1]},
@@ -675,11 +684,12 @@ def _max_epochs(search: SearchConfig, base: HyperRepConfig) -> int:
     return base.train.epochs if key is None else int(max(search.space[key].values()))
 
 
-def _ensure_ray(search: SearchConfig) -> None:
+def _ensure_ray(search: SearchConfig, address: str | None = None) -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+    from raysys.runtime import init_ray
+
+    init_ray(address, log_to_driver=False)  # a Ray this process already joined is used as is
     have = ray.cluster_resources()
     if search.resources.gpu > 0 and have.get("GPU", 0) < search.resources.gpu:
         raise RaysysError(f"resources.gpu={search.resources.gpu} per trial but the Ray cluster has "
@@ -708,8 +718,14 @@ def _start_parent(search: SearchConfig, tracking_uri: str, out: Path, zoo_dir: s
 # --- the search ---------------------------------------------------------------------------------
 
 def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, resume: bool = False,
-               tracking_uri: str | None = None, config_dir: Path | None = None) -> dict:
-    """Run (or resume) a search; write the outputs listed in the module docstring; return a summary."""
+               tracking_uri: str | None = None, config_dir: Path | None = None, address: str | None = None,
+               progress: bool = True) -> dict:
+    """Run (or resume) a search; write the outputs listed in the module docstring; return a summary.
+
+    ``tracking_uri``: the config's ``mlflow.tracking_uri``, else :func:`raysys.tracking.resolve_tracking_uri`'s
+    default (``$MLFLOW_TRACKING_URI``, else ``sqlite:///<cwd>/mlflow.db``); a resume keeps the search's own.
+    ``address``: the Ray to run on (:func:`raysys.runtime.init_ray`). ``progress`` False: no line per trial event.
+    """
     from ray import tune
 
     from raysys.tracking import client as mlflow_client, resolve_tracking_uri
@@ -738,14 +754,14 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
         if exp_path.exists():
             raise RaysysError(f"{out} already holds a search. Add --resume to continue it, or choose a new --out.")
         window_epochs(open_zoo(zoo_dir), base)  # a wrong window fails here, not in every trial
-        uri = resolve_tracking_uri(tracking_uri or search.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-                                   or f"sqlite:///{out / 'mlflow.db'}")
+        uri = resolve_tracking_uri(tracking_uri or search.mlflow.tracking_uri)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(saved, yaml.safe_dump(search.model_dump(mode="json"), sort_keys=False).encode())
         state = _start_parent(search, uri, out, zoo_dir)
         atomic_write_json(out / "state.json", state)
 
-    _ensure_ray(search)
+    _ensure_ray(search, address)
+    _PROGRESS["show"] = progress
     space = DefineByRun(search, base)
     max_epochs = _max_epochs(search, base)
     tracking = {**{k: state[k] for k in ("tracking_uri", "experiment_id", "parent_run_id")},
@@ -952,7 +968,8 @@ def _plain(value):
 def _run(args) -> int:
     search, _ = load_search(args.config, args.set)
     summary = run_search(search, args.zoo, args.out, resume=args.resume, tracking_uri=args.tracking_uri,
-                         config_dir=Path(args.config).resolve().parent)
+                         config_dir=Path(args.config).resolve().parent, address=getattr(args, "address", None),
+                         progress=not getattr(args, "no_progress", False))
     out = Path(args.out)
     print(f"[search] {summary['trials']}/{summary['num_samples']} trials: "
           + ", ".join(f"{k} {v}" for k, v in summary["status"].items()), flush=True)
@@ -966,18 +983,3 @@ def _run(args) -> int:
         print("[search] interrupted; continue with the same command plus --resume", file=sys.stderr)
         return 130
     return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("search", help="hyperparameter search over the autoencoder and its sampler (Ray Tune + Optuna)",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("config", help="search config YAML (see configs/search/)")
-    p.add_argument("--zoo", required=True, help="zoo directory written by 'raysys zoo generate'")
-    p.add_argument("--out", required=True, help="output directory (Tune experiment, results, best config)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set num_samples=4 (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --out")
-    p.add_argument("--tracking-uri", default=None,
-                   help="MLflow URI (default: mlflow.tracking_uri in the config, else $MLFLOW_TRACKING_URI, "
-                        "else sqlite:///<out>/mlflow.db); a resume uses the search's original URI")
-    p.set_defaults(func=_run)

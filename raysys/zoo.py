@@ -105,7 +105,8 @@ class RandomSeeds(Config):
 
 
 class ResourcesConfig(Config):
-    num_workers: int = Field(1, ge=1)
+    # None: as many workers as the Ray has CPUs (GPUs with use_gpu) for cpus_per_worker each, at least 1
+    num_workers: int | None = Field(None, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)  # Ray Train restarts of the worker group after a crash
@@ -127,7 +128,7 @@ class ZooConfig(Config):
     split_seed: int = 0
     models_per_shard: int = Field(50, ge=1)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
-    ray_address: str | None = None  # None: a local Ray started by raysys
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started by raysys (raysys.runtime)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
 
     @field_validator("seeds")
@@ -310,10 +311,11 @@ def _progress_actor():
 
 def _run_trainer(config: ZooConfig, out_dir: Path, pending: list[Shard], splits: list[str], progress) -> None:
     import ray.train
-    from ray.train.torch import TorchTrainer
+
+    from raysys import runtime
 
     r = config.resources
-    trainer = TorchTrainer(
+    trainer = runtime.torch_trainer(
         _worker_loop,
         train_loop_config={
             "config": config.model_dump(mode="json"), "out_dir": str(out_dir), "splits": splits,
@@ -329,6 +331,7 @@ def _run_trainer(config: ZooConfig, out_dir: Path, pending: list[Shard], splits:
             # directory has to be on storage every node mounts anyway, since workers write shards there.
             storage_path=str(out_dir / ".ray_train"),
             failure_config=ray.train.FailureConfig(max_failures=r.max_failures),
+            logging_config=runtime.train_logging_config(),
         ),
     )
     try:
@@ -423,7 +426,7 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
     """
     import ray
 
-    from raysys import datasets
+    from raysys import datasets, runtime
     from raysys.integrity import check_output_dir, check_ray_address, check_tracking_uri
 
     if isinstance(config, (str, Path)):
@@ -432,7 +435,7 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
         config = validate(ZooConfig, apply_overrides(config.model_dump(mode="json"), overrides), "overrides")
     out_dir = check_output_dir(out_dir).resolve()  # absolute: workers run in other directories
     if not ray.is_initialized():
-        check_ray_address(config.ray_address)
+        check_ray_address(runtime.resolve_address(config.ray_address))
     tracking_uri = check_tracking_uri(config.mlflow.tracking_uri)
     specs = expand(config)
     shards = plan_shards(specs, config.models_per_shard)
@@ -447,19 +450,31 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
             writer.shard_path(sid).with_suffix(".json").unlink(missing_ok=True)
     pending = [s for s in shards if not writer.is_complete(s.shard)]
 
-    started_ray = False
-    if pending and not ray.is_initialized():
-        ray.init(address=config.ray_address or "local", include_dashboard=False, configure_logging=False)
-        started_ray = True
+    started_ray = runtime.init_ray(config.ray_address) if pending else False
     try:
         if pending:
-            _check_resources(config, local=started_ray and not config.ray_address)
+            config = _resolve_workers(config)
+            _check_resources(config, local=started_ray and runtime.resolve_address(config.ray_address) == runtime.LOCAL)
         writer.write_manifest(_manifest(config, data, shards, splits, "running"))
         _clean_partial_files(out_dir)
         return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress)
     finally:
         if started_ray:
             ray.shutdown()
+
+
+def _resolve_workers(config: ZooConfig) -> ZooConfig:
+    """A copy with ``resources.num_workers`` set: the config's, else what the Ray's CPUs (GPUs) allow."""
+    import ray
+
+    r = config.resources
+    if r.num_workers is not None:
+        return config
+    have = ray.cluster_resources()
+    n = have.get("GPU", 0) if r.use_gpu else have.get("CPU", 0) / r.cpus_per_worker
+    config = config.model_copy(deep=True)
+    config.resources.num_workers = max(1, int(n))
+    return config
 
 
 def _check_resources(config: ZooConfig, local: bool) -> None:
@@ -482,8 +497,10 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
     writer = ZooWriter(out_dir)
     total = len(specs) * config.epochs
     done_model_epochs = sum(len(s.model_ids) for s in shards if s not in pending) * config.epochs
+    from raysys.runtime import cluster_tags
+
     tags = {"raysys.stage": "zoo", "raysys.zoo": config.name, "raysys.out_dir": str(out_dir),
-            "raysys.version": __version__, "raysys.resumed": str(resuming).lower()}
+            "raysys.version": __version__, "raysys.resumed": str(resuming).lower(), **cluster_tags()}
     with tracking.start_run(tracking_uri, config.mlflow.experiment, run_name=config.name,
                             tags=tags, params=config.model_dump(mode="json")) as run:
         import mlflow
@@ -669,32 +686,12 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    print(format_summary(summarize(open_zoo(args.dir))))
+    summary = summarize(open_zoo(args.dir))
+    if getattr(args, "json", False):  # plain JSON: (mean, std) pairs as objects, NaN as null
+        from raysys.store import jsonable
+
+        pairs = {k: {"mean": v[0], "std": v[1]} for k, v in summary.items() if k.startswith("test_acc")}
+        print(json.dumps(jsonable({"dir": str(Path(args.dir).resolve()), **summary, **pairs}), indent=2))
+    else:
+        print(format_summary(summary))
     return 0
-
-
-def register(subparsers) -> None:
-    zoo = subparsers.add_parser("zoo", help="generate and inspect model zoos")
-    sub = zoo.add_subparsers(dest="zoo_command", required=True)
-
-    g = sub.add_parser("generate", help="train a zoo from a config on Ray Train (reruns resume)")
-    g.add_argument("config", help="zoo config YAML (see configs/zoo/)")
-    g.add_argument("--out", required=True, help="zoo directory; rerunning with the same config resumes it")
-    g.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. grid.lr=[1e-3]")
-    g.add_argument("--models", type=int, help="keep only the first N models of the grid")
-    g.add_argument("--epochs", type=int, help="number of training epochs")
-    g.add_argument("--address", help="Ray cluster address (default: a local Ray)")
-    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)")
-    g.add_argument("--workers", type=int, help="number of Ray Train workers")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g.set_defaults(func=_cmd_generate)
-
-    i = sub.add_parser("info", help="summarize a zoo directory")
-    i.add_argument("dir")
-    i.set_defaults(func=_cmd_info)
-
-    from raysys.align import register_align
-    from raysys.integrity import register_verify
-
-    register_verify(sub)
-    register_align(sub)

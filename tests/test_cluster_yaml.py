@@ -2,7 +2,6 @@
 token auth on every node, MLflow on the head with an absolute database path, CUDA-capable installs."""
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shlex
@@ -63,10 +62,9 @@ def test_every_node_starts_ray_with_token_auth(name):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_head_runs_mlflow_server_that_raysys_accepts(name):
-    from raysys import mlflow_server
+    from raysys import cli, mlflow_server
 
-    parser = argparse.ArgumentParser()
-    mlflow_server.register(parser.add_subparsers())
+    parser = cli.build_parser()
 
     config = load(name)
     serve = [c for c in config["head_start_ray_commands"] if "raysys mlflow serve" in c]

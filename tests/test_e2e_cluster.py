@@ -134,7 +134,8 @@ def services(tmp_path_factory):
         wait_http(f"{dashboard}/api/version", ray_proc, logs / "ray.log", START_TIMEOUT,
                   headers={"Authorization": f"Bearer {token}"})
         wait_http(f"{mlflow_url}/health", mlflow_proc, logs / "mlflow.log", START_TIMEOUT)
-        yield {"dashboard": dashboard, "mlflow": mlflow_url, "env": env, "token": token, "logs": logs}
+        yield {"dashboard": dashboard, "mlflow": mlflow_url, "env": env, "token": token, "logs": logs,
+               "gcs_port": gcs, "ray_tmp": ray_tmp}
     finally:
         stop([ray_proc, mlflow_proc], markers=[ray_tmp, f"{mlflow_dir}/"])
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -170,6 +171,33 @@ def test_cluster_rejects_a_client_without_the_token(services):
     with urllib.request.urlopen(urllib.request.Request(
             jobs, headers={"Authorization": f"Bearer {services['token']}"}), timeout=30) as r:
         assert r.status == 200
+
+
+def test_zoo_generate_job_runs_on_the_cluster_that_runs_the_job(services, tmp_path):
+    """`ray job submit -- raysys zoo generate ...` with no --address: the command joins the cluster the job
+    runs on ($RAY_ADDRESS, which Ray sets for the job's driver), not a private Ray of its own; the zoo's
+    MLflow run names the Ray it used, which must be this cluster's GCS and session."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(json.dumps({"name": "job-zoo", "dataset": {"name": "tetris"}, "arch": "tetris_ffn",
+                               "seeds": {"count": 2}, "epochs": 1}))  # JSON is YAML
+    out = tmp_path / "zoo"
+    cmd = [cli("ray"), "job", "submit", "--address", services["dashboard"], "--",
+           cli("raysys"), "zoo", "generate", str(cfg), "--out", str(out), "--tracking-uri", services["mlflow"],
+           "--no-progress"]
+    job = subprocess.run(cmd, env=services["env"], cwd=tmp_path, capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in log, log[-6000:]
+    assert "zoo          job-zoo (complete)" in log
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+
+    base = services["mlflow"]
+    exp = rest(base, "experiments/get-by-name", query={"experiment_name": "raysys-zoo"})["experiment"]
+    runs = rest(base, "runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                      "filter": f"tags.`raysys.out_dir` = '{out}'"})["runs"]
+    assert len(runs) == 1
+    tags = {t["key"]: t["value"] for t in runs[0]["data"]["tags"]}
+    assert tags["raysys.ray_gcs_address"].rsplit(":", 1)[1] == str(services["gcs_port"]), tags
+    assert (Path(services["ray_tmp"]) / tags["raysys.ray_session"]).is_dir(), tags  # the head's own session
 
 
 def test_pipeline_job_writes_the_report(first_run):

@@ -5,7 +5,6 @@ twice: the second run must skip every stage).
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -227,18 +226,28 @@ def test_remote_output_is_staged_and_pushed_back(tmp_path):
 
 
 def test_tracking_uri_is_absolute(tmp_path, monkeypatch):
+    """The default every command shares (./mlflow.db), unless a previous run into DIR recorded another."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert pipeline.tracking_uri(tiny(), tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert pipeline.tracking_uri(tiny(), out) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (out / "mlflow.db").touch()  # a pipeline run from before the shared default: it keeps its store
+    assert pipeline.tracking_uri(tiny(), out) == f"sqlite:///{out / 'mlflow.db'}"
+    (out / pipeline.TRACKING_FILE).write_text('{"tracking_uri": "sqlite:////elsewhere/m.db"}')
+    assert pipeline.tracking_uri(tiny(), out) == "sqlite:////elsewhere/m.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert pipeline.tracking_uri(tiny(), tmp_path) == "http://127.0.0.1:5999"
     assert pipeline.tracking_uri(tiny(["tracking_uri=sqlite:////x/y.db"]), tmp_path) == "sqlite:////x/y.db"
 
 
 def test_cli_registers_pipeline_command():
-    parser = argparse.ArgumentParser()
-    pipeline.register(parser.add_subparsers())
-    args = parser.parse_args(["pipeline", str(TINY), "--out", "/tmp/x", "--set", "zoo.epochs=2"])
-    assert args.func is pipeline._cmd and args.set == ["zoo.epochs=2"]
+    from raysys import cli
+
+    args = cli.build_parser().parse_args(["pipeline", str(TINY), "--out", "/tmp/x", "--set", "zoo.epochs=2",
+                                          "--address", "10.0.0.5:6379", "--no-progress"])
+    assert args.func.target == "raysys.pipeline:_cmd" and args.set == ["zoo.epochs=2"]
+    assert args.address == "10.0.0.5:6379" and args.no_progress
 
 
 # --- jobs/ ------------------------------------------------------------------------------------

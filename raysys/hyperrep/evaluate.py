@@ -594,26 +594,3 @@ def _run_baselines(args) -> int:
         atomic_write_json(Path(args.out), jsonable(result))
         print(f"wrote {args.out}")
     return 0
-
-
-def register_eval(hyperrep_subparsers) -> None:
-    """Add ``raysys hyperrep eval`` to the ``hyperrep`` command's subparsers."""
-    p = hyperrep_subparsers.add_parser("eval", help="evaluate a hyper-representation checkpoint on a zoo")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory written by 'raysys hyperrep train'")
-    p.add_argument("--zoo", required=True, help="zoo directory (its test split is evaluated)")
-    p.add_argument("--out", required=True, help="output directory for eval.json, probes.csv and figures")
-    p.add_argument("--ood-zoo", default=None, help="second zoo of the same architecture for out-of-distribution probes")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI, e.g. sqlite:////abs/mlflow.db (default $MLFLOW_TRACKING_URI, else ./mlflow.db)")
-    p.add_argument("--data-root", default=None, help="where on-disk image datasets live")
-    p.add_argument("--epochs", default=None, help="zoo epochs to reconstruct, e.g. 21-25 (default: the training epochs)")
-    p.add_argument("--probe-epochs", default=None, help="zoo epochs to probe, e.g. 1-25 (default: all after init)")
-    p.set_defaults(func=_run_eval)
-
-    p = hyperrep_subparsers.add_parser("baselines", help="reconstruction baselines of a zoo (train-mean predictor, "
-                                       "PCA-k, nearest training state) that an autoencoder has to beat")
-    p.add_argument("zoo", help="zoo directory")
-    p.add_argument("--k", type=int, nargs="+", default=[8, 16, 32, 64], help="PCA components (the latent sizes to compare)")
-    p.add_argument("--window", type=int, nargs=2, default=[21, 25], metavar=("FIRST", "LAST"),
-                   help="zoo epochs the autoencoder trains on (train.epoch_window)")
-    p.add_argument("--out", default=None, help="write the numbers to this JSON file")
-    p.set_defaults(func=_run_baselines)

@@ -8,21 +8,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from raysys.config import RaysysError, load
-
-
-def _common(p, checkpoint: bool = True) -> None:
-    p.add_argument("config", help="populations config YAML (see configs/populations/)")
-    p.add_argument("--zoo", required=True, help="zoo directory (raysys zoo generate)")
-    if checkpoint:
-        p.add_argument("--checkpoint", required=True, help="hyper-representation checkpoint directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set num_models=100 (repeatable)")
 
 
 def _config(args):
@@ -33,13 +23,9 @@ def _config(args):
 def _ray_init(address: str | None):
     import ray
 
-    if not ray.is_initialized():
-        from raysys.integrity import check_ray_address
+    from raysys.runtime import init_ray
 
-        # On a laptop start a private local Ray; on a cluster pass --address auto (or set RAY_ADDRESS).
-        address = address or os.environ.get("RAY_ADDRESS") or "local"
-        check_ray_address(address)
-        ray.init(address=address, include_dashboard=False)
+    init_ray(address)  # --address, else $RAY_ADDRESS, else a private local Ray
     return ray
 
 
@@ -95,7 +81,8 @@ def cmd_finetune(args) -> int:
                        arch=view.arch, dataset=dataset, specs=stage._specs(view, cfg), epochs=epochs,
                        weights=W, dataset_options=options)
     _ray_init(args.address)
-    res = finetune.run_jobs([job], 1, cfg.finetune.cpus_per_actor, cfg.finetune.gpus_per_actor)[0]
+    res = finetune.run_jobs([job], 1, cfg.finetune.cpus_per_actor, cfg.finetune.gpus_per_actor,
+                            progress=not getattr(args, "no_progress", False))[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "finetune.json", {
@@ -114,7 +101,7 @@ def cmd_run(args) -> int:
     cfg = _config(args)
     _ray_init(args.address)
     results = run_populations(cfg, args.zoo, args.checkpoint, args.out, args.nolwln_checkpoint,
-                              tracking_uri=args.tracking_uri)
+                              tracking_uri=args.tracking_uri, progress=not getattr(args, "no_progress", False))
     print(Path(results["report_files"]["markdown"]).read_text())
     print(f"results in {Path(args.out).resolve()}")
     return 0
@@ -128,35 +115,3 @@ def cmd_report(args) -> int:
     print(Path(files["markdown"]).read_text())
     print(json.dumps(files, indent=2))
     return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("sample", help="sample a population from a hyper-representation (S_KDE, S_KDE30, ...)")
-    _common(p)
-    p.add_argument("--method", default="S_KDE30",
-                   help="S_KDE | S_KDE30 | S_KDE_joint | S_U | B_KDE30 | B_noise_<sigma> (default S_KDE30)")
-    p.add_argument("--nolwln-checkpoint", default=None, help="autoencoder trained without LWLN (for B_KDE30)")
-    p.add_argument("-n", "--num-models", type=int, default=None, help="population size (default: the config's)")
-    p.add_argument("--out", required=True, help="output .safetensors file (tensor 'weights' [n, P])")
-    p.set_defaults(func=cmd_sample)
-
-    p = subparsers.add_parser("finetune", help="fine-tune a saved population on Ray actors")
-    _common(p, checkpoint=False)
-    p.add_argument("--weights", required=True, help=".safetensors written by 'raysys sample'")
-    p.add_argument("--dataset", default=None, help="target dataset (default: the zoo's own)")
-    p.add_argument("--out", required=True, help="output directory (finetune.json)")
-    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
-    p.set_defaults(func=cmd_finetune)
-
-    pops = subparsers.add_parser("populations", help="the whole populations stage and its report")
-    sub = pops.add_subparsers(dest="populations_command", required=True)
-    p = sub.add_parser("run", help="sample -> baselines -> fine-tune on actors -> novelty -> report")
-    _common(p)
-    p.add_argument("--nolwln-checkpoint", default=None, help="autoencoder trained without LWLN (for B_KDE30)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (absolute sqlite:////... or http://...)")
-    p.add_argument("--address", default=None, help="Ray address (default: $RAY_ADDRESS, else a local Ray)")
-    p.set_defaults(func=cmd_run)
-    p = sub.add_parser("report", help="rebuild report.md/json and plots from DIR/results.json")
-    p.add_argument("dir", help="output directory of 'raysys populations run'")
-    p.set_defaults(func=cmd_report)

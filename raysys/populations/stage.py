@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -101,7 +100,7 @@ class NoveltyConfig(Config):
 
 
 class TrackingConfig(Config):
-    tracking_uri: str | None = None  # absolute sqlite:////... ; None = $MLFLOW_TRACKING_URI or OUT/mlflow.db
+    tracking_uri: str | None = None  # absolute sqlite:////... ; None = $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
     experiment: str = "raysys-populations"
     enabled: bool = True
 
@@ -235,9 +234,8 @@ def _method_seed(cfg: PopulationsConfig, setting: str, method: str) -> int:
 # --- tracking -------------------------------------------------------------------------------
 
 def _tracking_uri(cfg: PopulationsConfig, out_dir: Path, override: str | None) -> str:
-    uri = override or cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") \
-        or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
-    return tracking.resolve_tracking_uri(uri)
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db, the store every command defaults to
+    return tracking.resolve_tracking_uri(override or cfg.mlflow.tracking_uri)
 
 
 class _Tracker:
