@@ -1,14 +1,14 @@
 """Job: generate (or resume) a model zoo on the cluster's Ray Train workers.
 
     RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
-        python jobs/zoo.py --config configs/zoo/digits_seed.yaml --out /mnt/shared/zoos/digits
+        python jobs/zoo.py --config configs/zoo/digits-seed.yaml --out /mnt/shared/zoos/digits-seed
 """
 import _common
 
 
 def run():
     p = _common.parser(__doc__.splitlines()[0])
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the config's)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the config's, else one per CPU of the cluster)")
     p.add_argument("--gpu", action="store_true", help="one GPU per Ray Train worker")
     args = p.parse_args()
     overrides = list(args.set or [])
