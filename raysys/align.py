@@ -405,19 +405,3 @@ def _cmd_align(args) -> int:
     print(f"wall time    {s['wall_s']:.1f} s")
     print(f"zoo written to {s['out']}")
     return 0
-
-
-def register_align(zoo_subparsers) -> None:
-    """Adds ``raysys zoo align SRC --out DST`` to the zoo command's subparsers."""
-    a = zoo_subparsers.add_parser(
-        "align", help="copy a zoo with every model permuted onto one training-split template (function-preserving)",
-        description="Copy zoo SRC to DST with the hidden units of every state (all splits, all epochs) permuted "
-                    "onto one template: the mean of the train split's last --template-epochs epochs after "
-                    "--rounds rounds of weight matching. Each model computes exactly what it computed before. "
-                    "Rerunning the same command resumes an interrupted copy.")
-    a.add_argument("src", help="zoo directory to align (written by 'raysys zoo generate')")
-    a.add_argument("--out", required=True, help="directory of the aligned copy; rerunning the same command resumes it")
-    a.add_argument("--template-epochs", type=int, default=5, help="last epochs averaged into the template (default 5)")
-    a.add_argument("--rounds", type=int, default=3, help="align-then-average rounds for the template (default 3)")
-    a.add_argument("--no-progress", action="store_true", help="no per-shard progress lines")
-    a.set_defaults(func=_cmd_align)

@@ -248,14 +248,6 @@ def check_schema(zoo) -> None:
                           f"directory (or restore its own manifest.json).")
 
 
-def register_verify(zoo_subparsers) -> None:
-    """Adds ``raysys zoo verify DIR`` to the zoo command's subparsers."""
-    v = zoo_subparsers.add_parser("verify", help="check a zoo's shards against checksums, plan and rows")
-    v.add_argument("dir", help="zoo directory")
-    v.add_argument("--no-checksums", action="store_true", help="skip the sha256 pass (sizes, schema and rows only)")
-    v.set_defaults(func=_cmd_verify)
-
-
 def _cmd_verify(args) -> int:
     report = verify_zoo(args.dir, checksums=not args.no_checksums)
     print(report.format())
