@@ -307,10 +307,8 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     with the same bytes as an uninterrupted run. Returns a summary: shards written/skipped, states
     aligned, and the mean L2 distance to the template before and after alignment.
     """
-    import pyarrow.parquet as pq
-
     from raysys.integrity import _planned, check_output_dir
-    from raysys.store import SHARDS, ZooWriter, open_zoo, weights_column, weights_numpy
+    from raysys.store import SHARDS, ZooWriter, open_zoo, read_shard, weights_column, weights_numpy
     from raysys.zoo import _clean_partial_files
 
     t0 = time.time()
@@ -358,12 +356,12 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     records, written, skipped, before, after = {}, 0, 0, [], []
     for i, s in enumerate(plan):
         sid = int(s["shard"])
-        table = pq.read_table(src / SHARDS / f"shard-{sid:05d}.parquet")
+        table = read_shard(src / SHARDS / f"shard-{sid:05d}.parquet")
         W = weights_numpy(table.column("weights"))
         kept = writer.is_complete(sid)
         if kept:
             skipped += 1
-            done = pq.read_table(writer.shard_path(sid), columns=["weights"])
+            done = read_shard(writer.shard_path(sid), columns=["weights"])
             A = weights_numpy(done.column("weights"))
         else:
             A = _align_states(W, template, layout)

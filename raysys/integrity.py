@@ -99,7 +99,7 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
     """Check every planned shard of a zoo against its record, the manifest and the plan."""
     import pyarrow.parquet as pq
 
-    from raysys.store import MANIFEST, SHARDS, open_zoo, sha256_file
+    from raysys.store import MANIFEST, SHARDS, open_zoo, read_shard, sha256_file
 
     root = Path(root)
     if not root.is_dir():
@@ -160,6 +160,8 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
             pf = pq.ParquetFile(path)
             problem = _schema_problem(pf.schema_arrow, num_params)
             t = pf.read(columns=["model_id", "epoch"])
+            if checksums:  # every page checksum (the sha256 above is only as good as its record)
+                read_shard(path)
         except Exception as err:  # an unreadable file is corrupt whatever its checksum says
             report.problems.append(Problem("corrupted", path.name, f"unreadable Parquet ({type(err).__name__})", sid))
             continue

@@ -9,7 +9,11 @@ Layout of a zoo directory::
 A shard is complete when its JSON record exists and matches its Parquet file; both are written
 to a temporary name and renamed, so a crash never leaves a half-written shard that looks
 complete. Weights are an Arrow ``fixed_shape_tensor`` column of float32, readable by pyarrow,
-pandas and Ray Data.
+pandas and Ray Data. Every data page carries a CRC32 checksum (Parquet's page checksums), verified on
+every read, so bit rot inside a shard is an error, not silently changed weights.
+
+Readers read exactly the shards of the manifest's plan (a stray or left-over shard file is not data),
+and refuse a zoo whose manifest says it is still being written, unless asked for partial data.
 """
 from __future__ import annotations
 
@@ -137,7 +141,7 @@ class ZooWriter:
         path = self.shard_path(shard)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -159,10 +163,11 @@ class ZooWriter:
 
 @dataclass
 class Zoo:
-    """A read-only view of a zoo directory."""
+    """A read-only view of a zoo directory (``partial``: also read a zoo that is still being written)."""
 
     root: Path
     manifest: dict
+    partial: bool = False
 
     @property
     def layout(self) -> Layout:
@@ -178,9 +183,12 @@ class Zoo:
         (The full checksum check is :meth:`ZooWriter.is_complete`; size is the cheap guard against
         reading a file that a crashed run left truncated.)
         """
+        planned = {int(s["shard"]) for s in self.manifest.get("shards", [])}
         files = []
         for rec in sorted((self.root / SHARDS).glob("shard-*.json")):
             path = rec.with_suffix(".parquet")
+            if planned and _shard_number(path) not in planned:
+                continue  # not in the plan: left over from another run or copied in, never data
             try:
                 expected = json.loads(rec.read_text()).get("bytes")
             except ValueError:
@@ -191,6 +199,12 @@ class Zoo:
 
     def table(self, columns: list[str] | None = None, epochs: Iterable[int] | None = None,
               splits: Iterable[str] | None = None) -> pa.Table:
+        status = self.manifest.get("status", "complete")
+        if status != "complete" and not self.partial:
+            raise StoreError(f"zoo {self.root} is not complete (its manifest says '{status}': "
+                             f"{len(self.shard_files())} of {len(self.manifest.get('shards', []))} shards written). "
+                             f"Let 'raysys zoo generate' finish, or rerun the same command to resume it; "
+                             f"open_zoo(..., partial=True) reads the shards written so far.")
         files = self.shard_files()
         if not files:
             raise StoreError(f"zoo {self.root} has no complete shards. Generate it with "
@@ -200,7 +214,7 @@ class Zoo:
             filters.append(("epoch", "in", [int(e) for e in epochs]))
         if splits is not None:
             filters.append(("split", "in", list(splits)))
-        tables = [pq.read_table(f, columns=columns, filters=filters or None) for f in files]
+        tables = [read_shard(f, columns, filters or None) for f in files]
         return pa.concat_tables(tables).sort_by([("model_id", "ascending"), ("epoch", "ascending")]) \
             if columns is None or {"model_id", "epoch"} <= set(columns) else pa.concat_tables(tables)
 
@@ -214,6 +228,23 @@ class Zoo:
         t = self.table(None, epochs, splits)
         w = weights_numpy(t.column("weights"))
         return w, t.drop_columns(["weights"]).to_pandas()
+
+
+def _shard_number(path: Path) -> int:
+    try:
+        return int(path.stem.split("-")[-1])
+    except ValueError:
+        return -1
+
+
+def read_shard(path: Path, columns=None, filters=None) -> pa.Table:
+    """One shard, every page checksum verified (shards written before checksums were on have none, and are read as they are)."""
+    try:
+        return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
+    except (OSError, pa.ArrowException) as err:
+        raise StoreError(f"shard {path} is corrupt ({type(err).__name__}: {err}). 'raysys zoo verify "
+                         f"{path.parent.parent}' lists the damaged shards; delete them and rerun 'raysys zoo "
+                         f"generate' with the same config and --out to write them again.") from None
 
 
 def weights_column(weights: np.ndarray) -> pa.ExtensionArray:
@@ -230,8 +261,9 @@ def weights_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.concatenate([c.to_numpy_ndarray() for c in chunks]).astype(np.float32, copy=False)
 
 
-def open_zoo(root: str | Path, check: bool = True) -> Zoo:
-    """Open a zoo directory; ``check`` also refuses a manifest whose layout disagrees with the data."""
+def open_zoo(root: str | Path, check: bool = True, partial: bool = False) -> Zoo:
+    """Open a zoo directory; ``check`` also refuses a manifest whose layout disagrees with the data;
+    ``partial`` allows reading a zoo whose generation has not finished (the shards written so far)."""
     root = Path(root)
     path = root / MANIFEST
     if not path.exists():
@@ -241,7 +273,7 @@ def open_zoo(root: str | Path, check: bool = True) -> Zoo:
         manifest = json.loads(path.read_text())
     except ValueError as err:
         raise StoreError(f"{path} is not valid JSON ({err}); the zoo is corrupt. Regenerate it.") from None
-    zoo = Zoo(root, manifest)
+    zoo = Zoo(root, manifest, partial)
     if check:
         from raysys.integrity import check_schema  # cheap: the first shard's Parquet footer
 

@@ -171,3 +171,54 @@ def test_open_zoo_errors_say_how_to_fix(tmp_path):
     ZooWriter(tmp_path / "empty").write_manifest({"layout": layout_of("tetris_ffn", 1, 4).to_dict()})
     with pytest.raises(StoreError, match="no complete shards"):
         open_zoo(tmp_path / "empty").frame()
+
+
+def _flip_bytes_inside_the_weights(path, count=16):
+    """Bit rot: change ``count`` bytes in the middle of the weights' data pages; size and footer stay intact."""
+    md = pq.ParquetFile(path).metadata.row_group(0)
+    col = next(md.column(i) for i in range(md.num_columns) if md.column(i).path_in_schema.startswith("weights"))
+    start = col.dictionary_page_offset or col.data_page_offset  # the chunk starts with its dictionary page
+    at = start + col.total_compressed_size // 2
+    data = bytearray(path.read_bytes())
+    data[at:at + count] = bytes(b ^ 0xFF for b in data[at:at + count])
+    path.write_bytes(bytes(data))
+
+
+def test_bit_rot_inside_a_shard_is_an_error_not_changed_weights(tmp_path):
+    writer, _, written = write_zoo(tmp_path, num_models=8, epochs=1, per_shard=4)
+    path = writer.shard_path(1)
+    _flip_bytes_inside_the_weights(path)
+    # without page checksums the change would pass: plain Parquet reads it, and the weights differ
+    plain = weights_numpy(pq.read_table(path).column("weights"))
+    assert plain.shape == (8, P)
+    ids, eps = pq.read_table(path).column("model_id").to_pylist(), pq.read_table(path).column("epoch").to_pylist()
+    assert any(not np.array_equal(plain[i], written[(m, e)]) for i, (m, e) in enumerate(zip(ids, eps)))
+    zoo = open_zoo(tmp_path)
+    with pytest.raises(StoreError, match=r"shard-00001\.parquet is corrupt.*raysys zoo verify"):
+        zoo.weights()
+    from raysys.integrity import verify_zoo
+
+    report = verify_zoo(tmp_path)
+    assert [p.kind for p in report.problems if p.shard == 1] == ["corrupted"]
+
+
+def test_readers_read_only_the_planned_shards_of_a_complete_zoo(tmp_path):
+    writer, _, _ = write_zoo(tmp_path, num_models=8, epochs=1, per_shard=4)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest.update(status="complete", shards=[{"shard": 0, "model_ids": [0, 1, 2, 3]},
+                                               {"shard": 1, "model_ids": [4, 5, 6, 7]}])
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    # a stray shard (left over from another run) with rows of models 0-3 again
+    stray = writer.shard_path(7)
+    stray.write_bytes(writer.shard_path(0).read_bytes())
+    rec = json.loads(writer.shard_path(0).with_suffix(".json").read_text())
+    stray.with_suffix(".json").write_text(json.dumps({**rec, "shard": 7, "file": stray.name}))
+    frame = open_zoo(tmp_path).frame()
+    assert len(frame) == 16 and not frame.duplicated(["model_id", "epoch"]).any()
+    assert stray not in open_zoo(tmp_path).shard_files()
+    # a zoo still being written is refused, unless partial data is asked for
+    manifest["status"] = "running"
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"not complete.*'running'.*partial=True"):
+        open_zoo(tmp_path).frame()
+    assert len(open_zoo(tmp_path, partial=True).frame()) == 16
