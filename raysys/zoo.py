@@ -686,7 +686,7 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    summary = summarize(open_zoo(args.dir))
+    summary = summarize(open_zoo(args.dir, partial=True))  # info also describes a zoo being written
     if getattr(args, "json", False):  # plain JSON: (mean, std) pairs as objects, NaN as null
         from raysys.store import jsonable
 

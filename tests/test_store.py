@@ -222,3 +222,13 @@ def test_readers_read_only_the_planned_shards_of_a_complete_zoo(tmp_path):
     with pytest.raises(StoreError, match=r"not complete.*'running'.*partial=True"):
         open_zoo(tmp_path).frame()
     assert len(open_zoo(tmp_path, partial=True).frame()) == 16
+
+
+def test_zoo_info_describes_a_zoo_still_being_written(tmp_path, capsys):
+    from raysys import cli
+
+    write_zoo(tmp_path, num_models=8, epochs=1, per_shard=4)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "status": "running"}))
+    assert cli.main(["zoo", "info", str(tmp_path)]) == 0
+    assert "(running)" in capsys.readouterr().out
