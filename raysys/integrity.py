@@ -303,7 +303,7 @@ def check_ray_address(address: str | None) -> None:
 
 def check_tracking_uri(uri: str | None) -> str:
     """Resolve an MLflow tracking URI and check it can be used: a server answers, a sqlite file's folder exists."""
-    from raysys.tracking import TrackingError, resolve_tracking_uri
+    from raysys.tracking import TrackingError, mask_uri, resolve_tracking_uri
 
     uri = resolve_tracking_uri(uri)
     parsed = urlparse(uri)
@@ -315,7 +315,7 @@ def check_tracking_uri(uri: str | None) -> str:
             pass  # something answered: an MLflow behind a proxy may not expose /health
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
-            raise TrackingError(f"cannot reach the MLflow server at {uri} ({reason}). Start it ('raysys mlflow serve') "
+            raise TrackingError(f"cannot reach the MLflow server at {mask_uri(uri)} ({reason}). Start it ('raysys mlflow serve') "
                                 f"or fix --tracking-uri; or log locally with --tracking-uri "
                                 f"sqlite:////absolute/path/mlflow.db.") from None
     elif uri.startswith("sqlite:///"):

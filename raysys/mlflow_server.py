@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from raysys.config import ConfigError
+from raysys.tracking import mask_uri
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SQL_SCHEMES = ("postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql", "mssql")
@@ -64,9 +65,9 @@ def serve(args: argparse.Namespace) -> int:
               f"{args.port}; keep that interface private (security group / firewall).", file=sys.stderr)
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host  # noqa: S104 - only displayed
     print(f"raysys: MLflow UI at http://{shown}:{args.port}"
-          f" (backend {cmd[cmd.index('--backend-store-uri') + 1]})", file=sys.stderr, flush=True)
+          f" (backend {mask_uri(cmd[cmd.index('--backend-store-uri') + 1])})", file=sys.stderr, flush=True)
     if args.dry_run:
-        print(" ".join(cmd))
+        print(mask_uri(" ".join(cmd)))
         return 0
     # exec so that signals (Ctrl-C, SIGTERM from a process manager) reach mlflow directly
     os.execv(cmd[0], cmd)  # noqa: S606 - an argument list, no shell

@@ -34,6 +34,7 @@ from pydantic import Field
 from raysys import __version__
 from raysys.config import Config, ConfigError, apply_overrides, read_yaml, validate
 from raysys.store import atomic_write_bytes, atomic_write_json
+from raysys.tracking import mask_uri
 
 STAGE_FILE = "stage.json"
 TRACKING_FILE = "tracking.json"  # the MLflow URI of the run into DIR, for reruns
@@ -371,7 +372,7 @@ def link_runs(uri: str, config: PipelineConfig, out: Path, runs: dict, report: d
             if value:
                 client.set_tag(stage_run, key, value)
     client.set_terminated(rid, "FINISHED")
-    return {"tracking_uri": uri, "pipeline_run": rid, **{f"{k}_run": v for k, v in runs.items()}}
+    return {"tracking_uri": mask_uri(uri), "pipeline_run": rid, **{f"{k}_run": v for k, v in runs.items()}}
 
 
 # --- the report ---------------------------------------------------------------------------------

@@ -66,9 +66,15 @@ def flatten_params(data: Any, prefix: str = "") -> dict[str, str]:
             out.update(flatten_params(v, f"{prefix}.{i}"))
         return out
     # A URI may carry a password (https://user:pw@host); params are readable by anyone with the UI.
-    text = CREDENTIALS.sub(r"\1:***@", str(list(data) if isinstance(data, tuple) else data))
+    text = mask_uri(str(list(data) if isinstance(data, tuple) else data))
     out[prefix or "value"] = text if len(text) <= MAX_PARAM_CHARS else text[:MAX_PARAM_CHARS - 3] + "..."
     return out
+
+
+def mask_uri(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` replaced by ``***``: for messages,
+    reports and params, which others read (postgresql://u:s3cret@db/x -> postgresql://u:***@db/x)."""
+    return CREDENTIALS.sub(r"\1:***@", text)
 
 
 @contextmanager

@@ -214,3 +214,24 @@ def test_credentials_in_a_tracking_uri_never_reach_mlflow_params():
     text = " ".join(params.values())
     assert "s3cretpw" not in text and "mlflow.example.com" in text
     assert params["dataset.root"] == "/data"
+
+
+def test_a_password_in_a_tracking_uri_is_masked_in_errors_and_server_output(capsys):
+    import socket
+
+    from raysys import cli
+    from raysys.integrity import check_tracking_uri
+    from raysys.tracking import TrackingError, mask_uri
+
+    assert mask_uri("postgresql://alice:s3cretpw@db:5432/mlflow") == "postgresql://alice:***@db:5432/mlflow"
+    assert mask_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TrackingError) as err:
+        check_tracking_uri(f"http://alice:s3cretpw@127.0.0.1:{port}")
+    assert "s3cretpw" not in str(err.value) and "alice:***@127.0.0.1" in str(err.value)
+    assert cli.main(["mlflow", "serve", "--dry-run",
+                     "--backend-store-uri", "postgresql://alice:s3cretpw@db:5432/mlflow"]) == 0
+    out = capsys.readouterr()
+    assert "s3cretpw" not in out.out + out.err and "alice:***@db" in out.out + out.err
