@@ -77,7 +77,7 @@ def arms(cfg, layout, device, weights, names):
             opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
             contrastive, inv_var = CONTRASTIVE[cfg.loss.contrastive], model.loss_weights()
 
-            def step(model=model, opt=opt, inv_var=inv_var):
+            def step(model=model, opt=opt, inv_var=inv_var, contrastive=contrastive):
                 (clean1, view1), (clean2, view2) = aug.two_views(weights, gen)
                 _, recon, proj = model(torch.cat([view1, view2]))
                 rec = reconstruction_loss(recon, torch.cat([clean1, clean2]), inv_var)
