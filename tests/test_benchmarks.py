@@ -27,6 +27,12 @@ def test_zoo_throughput_smoke(tmp_path):
 
 def test_hyperrep_throughput_smoke():
     run = subprocess.run([sys.executable, "benchmarks/hyperrep_throughput.py", "--config", "configs/hyperrep/digits.yaml",
-                          "--steps", "1", "--threads", "1"], cwd=ROOT, check=True, timeout=240, capture_output=True, text=True)
+                          "--steps", "1", "--reps", "1", "--threads", "1"], cwd=ROOT, check=True, timeout=240,
+                         capture_output=True, text=True)
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["num_params"] == 2464 and result["steps"] == 1 and result["samples_per_s"] > 0
+    assert result["num_params"] == 2464 and result["steps"] == 1
+    row = result["results"][0]
+    assert row["threads"] == 1 and all(row[arm]["samples_per_s"] > 0 for arm in ("plain", "before", "raysys"))
+    # the step's FLOPs: at least the feed-forward matmuls of 4 blocks over 2 x 32 sequences of 49 tokens, x3 for backward
+    assert row["gflop_per_step"] > 3 * 4 * 2 * 2 * 64 * 49 * 64 * 256 / 1e9
+    assert row["roofline_headroom"] > 1
