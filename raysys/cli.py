@@ -203,8 +203,7 @@ def _pipeline(subparsers) -> None:
                  description="Run every stage into --out; stages whose outputs match the config are skipped.")
     p.add_argument("config", help="pipeline config YAML (see configs/pipeline/)")
     p.add_argument("--out", required=True, help="output directory (local, NFS, or s3://bucket/prefix)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set zoo.epochs=5 or --set tracking_uri=http://127.0.0.1:5000")
+    _overrides(p, "zoo.epochs=5 or --set tracking_uri=http://127.0.0.1:5000")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: tracking_uri in the config, else $MLFLOW_TRACKING_URI, else the "
                         "URI a previous run into --out recorded, else sqlite:///$PWD/mlflow.db)")
