@@ -6,7 +6,7 @@ One arm per call; every arm gets the same steps, batch and one-cycle schedule, s
     python benchmarks/hyperrep_arms.py ZOO --latent 16 --perm 0 --n 16       # overfit 16 training models
     python benchmarks/hyperrep_arms.py ZOO --window 0,75                      # train on every epoch
 
-Test R² is always taken on the test split's epochs 21-25 (split-own mean, as ``raysys hyperrep eval``); PCA-k is
+Test R² is taken on the test split's epochs 21-25 unless ``--test-window`` says otherwise (split-own mean, as ``raysys hyperrep eval``); PCA-k is
 fit on the arm's own training rows. ``sat`` is the share of |z| > 0.99 (tanh saturation). Results: docs/results.md.
 """
 from __future__ import annotations
@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--n", type=int, default=0, help="use only the first N training models (0: all)")
     p.add_argument("--window", default="21,25", help="training epochs, first,last")
+    p.add_argument("--test-window", default="21,25", help="test-split epochs, first,last")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -67,7 +68,7 @@ def main() -> None:
         ids = sorted(zoo.frame().query("split == 'train'").model_id.unique())[:a.n]
         w, meta = zoo.weights(epochs=list(range(first, last + 1)), splits=["train"])
         train = torch.from_numpy(np.ascontiguousarray(w[meta["model_id"].isin(ids).to_numpy()])).float()
-    test = load_window(zoo, (21, 25))["test"]
+    test = load_window(zoo, tuple(map(int, a.test_window.split(","))))["test"]
 
     cfg = HyperRepConfig.model_validate({
         "model": dict(d_model=a.d_model, heads=a.heads, layers=a.layers, ff=a.ff, latent_dim=a.latent,

@@ -314,7 +314,10 @@ def test_baselines_cli_matches_sklearn_and_brute_force(trained, capsys, tmp_path
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "PCA-4" in printed and "nearest training state" in printed
-    rows = {r["baseline"]: r for r in json.loads(out.read_text())["baselines"]}
+    result = json.loads(out.read_text())
+    rows = {r["baseline"]: r for r in result["baselines"]}
+    dim = result["intrinsic_dimension"]
+    assert dim is None or (dim["twonn"] > 0 and dim["twonn_gaussian"] > 0)
     data = load_window(open_zoo(trained["zoo"]), (1, EPOCHS))
     tr, te = data["train"].double().numpy(), data["test"].double().numpy()
     for k in (2, 4):
@@ -327,3 +330,18 @@ def test_baselines_cli_matches_sklearn_and_brute_force(trained, capsys, tmp_path
     nearest = tr[np.argmin([[np.sum((t - x) ** 2) for x in tr] for t in te], axis=1)]
     assert rows["nearest training state"]["r2"] == pytest.approx(
         r2_score(te, nearest, multioutput="variance_weighted"), abs=1e-9)
+
+
+def test_twonn_finds_a_curved_low_dimensional_set_and_a_gaussian_ceiling():
+    """TwoNN reads the dimension of a curved 5-dim set in R^60 as about 5, while a Gaussian of the same
+    covariance reads far higher; a Gaussian sample is its own surrogate (the near-Gaussian verdict)."""
+    from raysys.hyperrep.evaluate import gaussian_ceiling, twonn_dimension
+
+    rng = np.random.default_rng(0)
+    curved = np.tanh(rng.normal(size=(800, 5)) @ rng.normal(size=(5, 60)))  # a 5-dim curved set in R^60
+    assert 4 < twonn_dimension(curved) < 8
+    ceiling = gaussian_ceiling(curved, draws=2)
+    assert ceiling["twonn"] < 0.5 * ceiling["twonn_gaussian"]
+    gauss = rng.normal(size=(800, 20)) * np.linspace(0.5, 2, 20)
+    same = gaussian_ceiling(gauss, draws=3)
+    assert abs(same["twonn"] - same["twonn_gaussian"]) < 3 * same["twonn_gaussian_sd"] + 1.0

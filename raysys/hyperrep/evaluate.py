@@ -120,6 +120,39 @@ def yardsticks(w_train: np.ndarray, w_test: np.ndarray, layout: Layout, k: int, 
     return numbers, {"mean": mu, "pca": w_pca}
 
 
+def twonn_dimension(x: np.ndarray, discard: float = 0.1) -> float:
+    """Intrinsic dimension of the rows of ``x`` by TwoNN (Facco et al. 2017): with r1, r2 each row's distances
+    to its two nearest other rows, μ = r2/r1 is Pareto(d)-distributed on a d-dimensional manifold, so
+    d = n / Σ log μ (the largest ``discard`` share of μ dropped, as the paper does). It underestimates in
+    high dimension at small n, so compare it only with :func:`gaussian_ceiling`'s surrogate of the same size."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(x, np.float64)
+    dist, _ = NearestNeighbors(n_neighbors=3).fit(x).kneighbors(x)
+    mu = dist[:, 2] / np.maximum(dist[:, 1], np.finfo(np.float64).tiny)
+    mu = np.sort(mu[np.isfinite(mu) & (mu > 1)])[: int((1 - discard) * len(mu))]
+    if len(mu) < 10:
+        raise RaysysError(f"TwoNN needs at least 10 distinct rows, got {len(mu)}: use a zoo with more models.")
+    return float(len(mu) / np.log(mu).sum())
+
+
+def gaussian_ceiling(x: np.ndarray, draws: int = 5, seed: int = 0) -> dict:
+    """Is there structure beyond a Gaussian for an autoencoder to find? TwoNN dimension of ``x`` (one state per
+    model) beside that of ``draws`` Gaussian samples with ``x``'s mean and covariance and as many rows.
+
+    For Gaussian data PCA-k is the mean-squared-error-optimal k-dimensional code, so an autoencoder cannot beat
+    it by more than what the data's departure from a Gaussian allows: a zoo whose dimension is close to its
+    surrogate's is a measured ceiling at PCA-k; a much lower one (a low-dimensional curved set, such as
+    trajectories or permutation orbits) leaves room for a nonlinear code."""
+    x = np.asarray(x, np.float64)
+    rng = np.random.default_rng(seed)
+    cov = np.cov(x.T)
+    surrogate = [twonn_dimension(rng.multivariate_normal(x.mean(0), cov, size=len(x), method="eigh"))
+                 for _ in range(draws)]
+    return {"rows": len(x), "twonn": twonn_dimension(x), "twonn_gaussian": float(np.mean(surrogate)),
+            "twonn_gaussian_sd": float(np.std(surrogate))}
+
+
 def baselines(zoo_dir, ks=(8, 16, 32, 64), window: tuple[int, int] = (21, 25)) -> dict:
     """What an autoencoder with a k-dim latent has to beat on a zoo, before training one.
 
@@ -151,9 +184,11 @@ def baselines(zoo_dir, ks=(8, 16, 32, 64), window: tuple[int, int] = (21, 25)) -
         nearest[i:i + 256] = train[d.argmin(1)]
     rows.append({"baseline": "nearest training state", "k": None, "r2": r2(test, nearest),
                  "r2_ref": r2_ref(test, nearest, mu)})
+    last, _ = zoo.weights(epochs=[window[1]], splits=["train"])  # one state per model: epochs of a model are neighbours
     return {"zoo": str(Path(zoo_dir).resolve()), "window": list(window), "rows_train": len(train),
             "rows_test": len(test), "num_params": zoo.num_params,
-            "aligned": bool(zoo.manifest.get("aligned")), "baselines": rows}
+            "aligned": bool(zoo.manifest.get("aligned")), "baselines": rows,
+            "intrinsic_dimension": gaussian_ceiling(last) if len(last) >= 12 else None}
 
 
 def encode(hr, weights: np.ndarray) -> np.ndarray:
@@ -590,6 +625,13 @@ def _run_baselines(args) -> int:
     print(f"{'baseline':<24} {'test R²':>8} {'R²_ref':>8}")
     for row in result["baselines"]:
         print(f"{row['baseline']:<24} {_num(row['r2']):>8} {_num(row['r2_ref']):>8}")
+    dim = result["intrinsic_dimension"]
+    if dim:
+        print(f"intrinsic dimension (TwoNN, {dim['rows']} training models at epoch {result['window'][1]}): "
+              f"{dim['twonn']:.1f}; a Gaussian of the same covariance: {dim['twonn_gaussian']:.1f} "
+              f"± {dim['twonn_gaussian_sd']:.1f}")
+        if dim["twonn"] > 0.8 * dim["twonn_gaussian"]:
+            print("  near-Gaussian: PCA-k is close to the best any k-dim code can do on this zoo")
     if args.out:
         atomic_write_json(Path(args.out), jsonable(result))
         print(f"wrote {args.out}")
