@@ -138,6 +138,8 @@ Param = Annotated[Union[FloatRange, IntRange, Categorical], Field(discriminator=
 class Resources(Config):
     cpu: float = Field(1.0, gt=0, description="CPUs per trial (also the torch thread count)")
     gpu: float = Field(0.0, ge=0, description="GPUs per trial; fractions share one GPU between trials")
+    max_failures: int = Field(2, ge=0, description="restarts of a trial whose worker dies (a preempted node); "
+                                                   "the trial resumes from its last checkpoint")
 
 
 class Asha(Config):
@@ -787,7 +789,7 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
                 name=exp_path.name, storage_path=str(exp_path.parent), verbose=0,
                 callbacks=_make_callbacks(str(out), search, max_epochs, tracking),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=0)))
+                failure_config=tune.FailureConfig(max_failures=search.resources.max_failures)))
     try:
         tuner.fit()  # results are read back from the experiment state, which holds earlier runs' trials too
     except BaseException:

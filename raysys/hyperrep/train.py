@@ -361,10 +361,17 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
         numbers = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and math.isfinite(v)}
         model.save(out_dir, {**meta, "epoch": best["epoch"], "metrics": numbers})
         atomic_write_json(out_dir / "history.json", history)
-        shutil.rmtree(out_dir / RESUME_DIR, ignore_errors=True)  # finished: nothing left to resume
         mlflow.log_metrics({f"final_{k}": v for k, v in numbers.items()})
-        mlflow.log_artifacts(str(out_dir), "checkpoint")
+        for item in sorted(out_dir.iterdir()):  # the checkpoint, not the resume state
+            if item.name == RESUME_DIR:
+                continue
+            if item.is_dir():
+                mlflow.log_artifacts(str(item), f"checkpoint/{item.name}")
+            else:
+                mlflow.log_artifact(str(item), "checkpoint")
         summary.update(checkpoint=str(out_dir.resolve()), mlflow_run_id=run.info.run_id)
+    # Only once the run is closed: a crash in the final logging above still leaves a state to resume from.
+    shutil.rmtree(out_dir / RESUME_DIR, ignore_errors=True)
     return summary
 
 
