@@ -185,11 +185,11 @@ class AlignOptions(Config):
 
 def source_fingerprint(zoo) -> str:
     """sha256 over the source manifest's bytes and each shard record's sha256 (in shard order)."""
-    from raysys.store import MANIFEST, SHARDS
+    from raysys.store import manifest_path, recorded_shards, shard_record
 
-    h = hashlib.sha256((zoo.root / MANIFEST).read_bytes())
-    for rec in sorted((zoo.root / SHARDS).glob("shard-*.json")):
-        h.update(json.loads(rec.read_text())["sha256"].encode())
+    h = hashlib.sha256(manifest_path(zoo.root).read_bytes())
+    for sid in recorded_shards(zoo.root):
+        h.update(shard_record(zoo.root, sid)[1]["sha256"].encode())
     return h.hexdigest()
 
 
@@ -233,9 +233,9 @@ def _identity(zoo, options: AlignOptions, window: list[int]) -> dict:
 
 def _check_destination(dst: Path, identity: dict) -> bool:
     """True when ``dst`` holds (part of) this very aligned copy; error when it holds anything else."""
-    from raysys.store import MANIFEST
+    from raysys.store import manifest_path
 
-    path = dst / MANIFEST
+    path = manifest_path(dst)
     if not path.exists():
         if dst.exists() and any(dst.iterdir()):
             raise RaysysError(f"--out {dst} exists, is not empty and holds no zoo manifest. "
@@ -308,7 +308,8 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     aligned, and the mean L2 distance to the template before and after alignment.
     """
     from raysys.integrity import _planned, check_output_dir
-    from raysys.store import SHARDS, ZooWriter, open_zoo, read_shard, weights_column, weights_numpy
+    from raysys.store import (META, ZooWriter, meta_file, migrate_zoo, open_zoo, read_shard, recorded_shards,
+                              shard_file, weights_column, weights_numpy)
     from raysys.zoo import _clean_partial_files
 
     t0 = time.time()
@@ -324,8 +325,10 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     resuming = _check_destination(dst, identity)
 
     writer = ZooWriter(dst)
-    template_path = dst / TEMPLATE_FILE
-    template = _load_template(template_path, layout.num_params) if resuming else None
+    if resuming:  # an aligned copy of the first layout: converted before anything is added to it
+        migrate_zoo(dst)
+    template_path = dst / META / TEMPLATE_FILE
+    template = _load_template(meta_file(dst, TEMPLATE_FILE), layout.num_params) if resuming else None
     if template is None:
         W, meta = zoo.weights(epochs=window, splits=[TEMPLATE_SPLIT])
         finite = np.isfinite(W).all(axis=1)
@@ -338,14 +341,14 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
         template = build_template(W, layout, options.rounds)
         new_template = True
         if resuming:  # shards made with a lost template cannot be trusted to match this one
-            for rec in (dst / SHARDS).glob("shard-*.json"):
-                rec.unlink()
+            for sid in recorded_shards(dst):
+                writer.record_path(sid).unlink(missing_ok=True)
     else:
         new_template = False
 
     manifest = {k: v for k, v in zoo.manifest.items() if k != "raysys_version"}
-    plan = [{k: v for k, v in s.items() if k not in ("sha256", "rows")} for s in _planned(zoo.manifest, src / SHARDS)]
-    aligned = {"source": str(src), **identity, "template_file": TEMPLATE_FILE,
+    plan = [{k: v for k, v in s.items() if k not in ("sha256", "rows")} for s in _planned(zoo.manifest, src)]
+    aligned = {"source": str(src), **identity, "template_file": f"{META}/{TEMPLATE_FILE}",
                "method": "weight matching of hidden units (function-preserving permutations)"}
     manifest.update(name=f"{zoo.manifest.get('name', src.name)}-aligned", status="running", shards=plan, aligned=aligned)
     writer.write_manifest(manifest)
@@ -356,7 +359,7 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     records, written, skipped, before, after = {}, 0, 0, [], []
     for i, s in enumerate(plan):
         sid = int(s["shard"])
-        table = read_shard(src / SHARDS / f"shard-{sid:05d}.parquet")
+        table = read_shard(shard_file(src, sid))
         W = weights_numpy(table.column("weights"))
         kept = writer.is_complete(sid)
         if kept:
@@ -372,7 +375,7 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
             written += 1
         before.append(_distances(W, template))
         after.append(_distances(A, template))
-        records[sid] = json.loads(writer.shard_path(sid).with_suffix(".json").read_text())
+        records[sid] = json.loads(writer.record_path(sid).read_text())
         if progress:
             print(f"raysys zoo align: shard {i + 1}/{len(plan)} {'kept (already complete)' if kept else 'written'}",
                   flush=True)

@@ -81,6 +81,16 @@ def _zoo(subparsers) -> None:
     v.add_argument("dir", help="zoo directory")
     v.add_argument("--no-checksums", action="store_true", help="skip the sha256 pass (sizes, schema and rows only)")
 
+    m = _command(sub, "migrate", "raysys.store:_cmd_migrate",
+                 "convert a zoo of the first layout (manifest.json, fixed_shape_tensor weights) to a plain Parquet dataset",
+                 description="Convert a zoo written before the zoo folder became a plain Parquet dataset (manifest.json "
+                             "at the top, shards/shard-N.json records, fixed_shape_tensor weights) to the current "
+                             "layout: metadata in __raysys__/, weights a fixed-size list. In place, every step leaves "
+                             "a readable zoo and a rerun finishes an interrupted migration; --out writes a converted "
+                             "copy instead. Old zoos are read as they are either way.")
+    m.add_argument("dir", help="zoo directory")
+    m.add_argument("--out", help="write the converted zoo here (a new or empty directory) instead of in place")
+
     a = _command(sub, "align", "raysys.align:_cmd_align",
                  "copy a zoo with every model permuted onto one training-split template (function-preserving)",
                  description="Copy zoo SRC to DST with the hidden units of every state (all splits, all epochs) permuted "

@@ -16,7 +16,6 @@ Two halves, both plain functions:
 """
 from __future__ import annotations
 
-import json
 import socket
 import urllib.error
 import urllib.request
@@ -81,17 +80,19 @@ class ZooReport:
         return "\n".join(lines)
 
 
-def _planned(manifest: dict, shard_dir: Path) -> list[dict]:
+def _planned(manifest: dict, root: Path) -> list[dict]:
     """The shard plan; a hand-written manifest without one is planned as whatever records exist."""
+    from raysys.store import recorded_shards, shard_record
+
     if isinstance(manifest.get("shards"), list):
         return manifest["shards"]
     plan = []
-    for rec in sorted(shard_dir.glob("shard-*.json")):
+    for sid in recorded_shards(root):
+        _, rec = shard_record(root, sid)
         try:
-            plan.append({"shard": int(json.loads(rec.read_text())["shard"]),
-                         "model_ids": json.loads(rec.read_text())["model_ids"]})
-        except (ValueError, KeyError, TypeError):
-            plan.append({"shard": int(rec.stem.split("-")[1]), "model_ids": None})
+            plan.append({"shard": int(rec["shard"]), "model_ids": rec["model_ids"]})
+        except (KeyError, TypeError, ValueError):
+            plan.append({"shard": sid, "model_ids": None})
     return plan
 
 
@@ -99,7 +100,8 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
     """Check every planned shard of a zoo against its record, the manifest and the plan."""
     import pyarrow.parquet as pq
 
-    from raysys.store import MANIFEST, SHARDS, open_zoo, read_shard, sha256_file
+    from raysys.store import (META, MANIFEST, SHARDS, is_legacy, open_zoo, read_shard, sha256_file, shard_file,
+                              shard_record)
 
     root = Path(root)
     if not root.is_dir():
@@ -121,25 +123,23 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
                                                            f"layout has {num_params}"))
     epochs = manifest.get("epochs")
     expected_epochs = set(range(int(epochs) + 1)) if isinstance(epochs, int) else None
-    plan = _planned(manifest, shard_dir)
+    plan = _planned(manifest, root)
     report.planned_shards = len(plan)
     planned_ids = {int(s["shard"]) for s in plan}
     owner: dict[int, int] = {}  # model_id -> shard that wrote it
     for s in plan:
         sid, ids = int(s["shard"]), s.get("model_ids")
-        path = shard_dir / f"shard-{sid:05d}.parquet"
-        rec_path = path.with_suffix(".json")
+        path = shard_file(root, sid)
+        rec_path, rec = shard_record(root, sid)
         if not path.exists():
             report.problems.append(Problem("missing", path.name, "planned but absent" +
-                                           (" (its record exists)" if rec_path.exists() else ""), sid))
+                                           (" (its record exists)" if rec_path is not None else ""), sid))
             continue
-        if not rec_path.exists():
+        if rec_path is None:
             report.problems.append(Problem("unrecorded", path.name, "has no completion record: a run stopped "
                                                                     "before finishing it", sid))
             continue
-        try:
-            rec = json.loads(rec_path.read_text())
-        except ValueError:
+        if rec is None:
             report.problems.append(Problem("corrupted", rec_path.name, "is not valid JSON", sid))
             continue
         size = path.stat().st_size
@@ -202,8 +202,12 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
         if sid not in planned_ids:
             report.problems.append(Problem("unplanned", path.name, "is not in the manifest's shard plan (from another "
                                                                   "zoo?); move it away"))
-    for path in sorted(shard_dir.glob(".*.tmp")):
+    for path in sorted([*shard_dir.glob(".*.tmp"), *(root / META).glob(".*.tmp")]):
         report.warnings.append(Problem("leftover", path.name, "temporary file of a killed run (generate removes it)"))
+    if is_legacy(root):
+        report.warnings.append(Problem("layout", root.name, "has files of the first zoo layout (manifest.json, "
+                                                           "shards/shard-N.json): still readable; 'raysys zoo "
+                                                           f"migrate {root}' makes it a plain Parquet dataset"))
     return report
 
 
@@ -215,11 +219,17 @@ def _schema_problem(arrow_schema, num_params: int) -> str | None:
     missing = [n for n in want.names if n not in arrow_schema.names]
     if missing:
         return f"columns {missing} are missing"
+    import pyarrow as pa
+
     weights = arrow_schema.field("weights").type
-    shape = [int(d) for d in (getattr(weights, "shape", None) or [])]
-    if shape != [num_params]:
-        width = " x ".join(map(str, shape)) if shape else getattr(getattr(weights, "storage_type", weights), "list_size", "?")
-        return f"weights have length {width} but the manifest's layout has {num_params} parameters"
+    shape = getattr(weights, "shape", None)  # the first layout's fixed_shape_tensor
+    if shape is not None and len(shape) != 1:
+        return f"weights have shape {' x '.join(map(str, shape))} but the manifest's layout has {num_params} parameters"
+    storage = getattr(weights, "storage_type", weights)
+    if not pa.types.is_fixed_size_list(storage) or storage.value_type != pa.float32():
+        return f"weights are {weights}, not a fixed-size list of float32"
+    if storage.list_size != num_params:
+        return f"weights have length {storage.list_size} but the manifest's layout has {num_params} parameters"
     return None
 
 

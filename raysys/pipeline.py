@@ -4,14 +4,15 @@
 
 Output directory::
 
-    DIR/zoo/                 the model zoo (raysys zoo generate)            + stage.json
+    DIR/zoo/                 the model zoo (raysys zoo generate)            + __raysys__/stage.json
     DIR/zoo_aligned/         its weight-matched copy (raysys zoo align), when ``align`` is set
     DIR/hyperrep/            autoencoder checkpoint, eval/ (probes, figures) + stage.json
     DIR/hyperrep_nolwln/     the same without LWLN, for the B_KDE30 baseline (optional)
     DIR/populations/         sampled + baseline populations, fine-tuned   + stage.json
     DIR/report.md, DIR/report.json, DIR/*.png
 
-A stage is skipped when its ``stage.json`` records the hash of the config that produced it (and of
+(A zoo directory keeps its ``stage.json`` in ``__raysys__/``, so that the directory stays a plain
+Parquet dataset.) A stage is skipped when its ``stage.json`` records the hash of the config that produced it (and of
 everything upstream); a changed config redoes that stage and every stage after it. Every stage
 logs to MLflow; the pipeline's own run (experiment ``raysys-pipeline``) links the stage runs, and
 each stage run is tagged with its parents (``raysys.parent_zoo_run``, ``raysys.parent_hyperrep_run``).
@@ -33,7 +34,7 @@ from pydantic import Field
 
 from raysys import __version__
 from raysys.config import Config, ConfigError, apply_overrides, read_yaml, validate
-from raysys.store import atomic_write_bytes, atomic_write_json
+from raysys.store import META, SUMMARY_PLOT, atomic_write_bytes, atomic_write_json, meta_file
 from raysys.tracking import mask_uri
 
 STAGE_FILE = "stage.json"
@@ -176,8 +177,14 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def stage_file(stage_dir: Path) -> Path:
+    """Where a stage's record is: ``__raysys__/stage.json`` in a zoo directory (or an old zoo's top level),
+    ``stage.json`` elsewhere."""
+    return meta_file(stage_dir, STAGE_FILE) if (stage_dir / META).is_dir() else stage_dir / STAGE_FILE
+
+
 def stage_record(stage_dir: Path) -> dict | None:
-    path = stage_dir / STAGE_FILE
+    path = stage_file(stage_dir)
     try:
         return json.loads(path.read_text()) if path.exists() else None
     except ValueError:
@@ -205,9 +212,10 @@ def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | Non
     t0 = time.time()
     run_id = work(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(stage_dir / STAGE_FILE, {"stage": stage_dir.name, "hash": stage_hash, "mlflow_run_id": run_id,
-                                              "seconds": round(time.time() - t0, 1), "raysys_version": __version__,
-                                              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    path = stage_dir / META / STAGE_FILE if (stage_dir / META).is_dir() else stage_dir / STAGE_FILE
+    atomic_write_json(path, {"stage": stage_dir.name, "hash": stage_hash, "mlflow_run_id": run_id,
+                             "seconds": round(time.time() - t0, 1), "raysys_version": __version__,
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return run_id
 
 
@@ -404,7 +412,7 @@ def write_report(config: PipelineConfig, out: Path, hashes: dict, runs: dict) ->
     accuracy = [{"setting": s, **row} for s, t in tables.items() for row in t["accuracy"]]
 
     figures = []
-    for src, name in [(out / "zoo" / "summary.png", "zoo_accuracy.png"),
+    for src, name in [(meta_file(out / "zoo", SUMMARY_PLOT), "zoo_accuracy.png"),
                       (out / "hyperrep" / "eval" / "reconstruction.png", "hyperrep_reconstruction.png"),
                       (out / "hyperrep" / "eval" / "latent_pca.png", "hyperrep_latent.png"),
                       (out / "populations" / "accuracy_curves.png", "populations_accuracy.png"),

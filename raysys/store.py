@@ -1,25 +1,40 @@
-"""The zoo store: a Parquet dataset with one row per (model, epoch), plus ``manifest.json``.
+"""The zoo store: a plain Parquet dataset with one row per (model, epoch), plus its metadata in ``__raysys__/``.
 
 Layout of a zoo directory::
 
-    manifest.json                  architecture layout, dataset record, config, version, shards
-    shards/shard-00007.parquet     all epochs of the models of one shard
-    shards/shard-00007.json        completion record: rows, model ids, sha256 of the parquet file
+    shards/shard-00007.parquet       all epochs of the models of one shard (the data: nothing else is Parquet)
+    __raysys__/manifest.json         architecture layout, dataset record, config, version, shard plan
+    __raysys__/shard-00007.json      completion record of shard 7: rows, model ids, sha256 of its Parquet file
+    __raysys__/summary.png           accuracy over epochs (aligned copies: also template.safetensors)
 
-A shard is complete when its JSON record exists and matches its Parquet file; both are written
-to a temporary name and renamed, so a crash never leaves a half-written shard that looks
-complete. Weights are an Arrow ``fixed_shape_tensor`` column of float32, readable by pyarrow,
-pandas and Ray Data. Every data page carries a CRC32 checksum (Parquet's page checksums), verified on
-every read, so bit rot inside a shard is an error, not silently changed weights.
+The directory itself is the dataset: ``pd.read_parquet(ZOO)``, ``pyarrow.dataset.dataset(ZOO)``,
+``ray.data.read_parquet(ZOO)``, DuckDB's ``read_parquet('ZOO/**/*.parquet')`` and
+``datasets.load_dataset("parquet", data_dir=ZOO)`` read every row. Everything else lives in
+``__raysys__/``, a name every one of those readers skips (Arrow skips names starting with ``_`` or
+``.``; Hugging Face ``datasets`` skips ``.`` names and ``__`` folders, not ``_`` files); temporary files
+start with ``.``. Weights are a plain ``fixed_size_list<float32>[P]`` column, which every Parquet
+reader understands; each file's schema metadata carries the layout (key ``raysys.layout``: the
+architecture layout, ``num_params`` and the raysys version), so a single shard describes itself.
+
+A shard is complete when its record exists and matches its Parquet file; both are written to a
+temporary name and renamed, so a crash never leaves a half-written shard that looks complete.
+Every data page carries a CRC32 checksum (Parquet's page checksums), verified on every read, so bit
+rot inside a shard is an error, not silently changed weights.
 
 Readers read exactly the shards of the manifest's plan (a stray or left-over shard file is not data),
 and refuse a zoo whose manifest says it is still being written, unless asked for partial data.
+
+Zoos of the first layout (``manifest.json`` at the top, records ``shards/shard-00007.json`` beside
+their Parquet files, weights as an Arrow ``fixed_shape_tensor``) are still read as they are;
+``raysys zoo migrate ZOO`` (:func:`migrate_zoo`) converts one in place, and a writer (a resumed
+``zoo generate`` or ``zoo align``) converts it before writing into it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +52,14 @@ from raysys.train import METRICS
 if TYPE_CHECKING:
     import pandas
 
-MANIFEST = "manifest.json"
+META = "__raysys__"  # every file of a zoo that is not data: skipped by Arrow, pandas, Ray Data and HF datasets
+MANIFEST = f"{META}/manifest.json"  # relative to the zoo directory
 SHARDS = "shards"
+LAYOUT_KEY = "raysys.layout"  # Parquet schema metadata: {"layout", "num_params", "raysys_version"}
+# The first layout (raysys 0.1.0 before the zoo folder became a plain Parquet dataset): read, and migrated.
+LEGACY_MANIFEST = "manifest.json"
+SUMMARY_PLOT = "summary.png"  # in META: accuracy over epochs (raysys zoo generate)
+LEGACY_META_FILES = (SUMMARY_PLOT, "template.safetensors", "stage.json")  # at the top of an old zoo
 HYPERPARAMETERS = {
     "seed": pa.int64(), "init": pa.string(), "activation": pa.string(), "optimizer": pa.string(),
     "lr": pa.float64(), "weight_decay": pa.float64(), "dropout": pa.float64(), "batch_size": pa.int64(),
@@ -49,12 +70,16 @@ class StoreError(RaysysError):
     pass
 
 
+def weights_type(num_params: int) -> pa.DataType:
+    return pa.list_(pa.float32(), num_params)
+
+
 def schema(num_params: int) -> pa.Schema:
     fields = [
         pa.field("model_id", pa.int64()),
         pa.field("epoch", pa.int32()),
         pa.field("split", pa.string()),
-        pa.field("weights", pa.fixed_shape_tensor(pa.float32(), [num_params])),
+        pa.field("weights", weights_type(num_params)),
         *[pa.field(m, pa.float64()) for m in METRICS],
         *[pa.field(k, t) for k, t in HYPERPARAMETERS.items()],
         pa.field("diverged", pa.bool_()),
@@ -96,6 +121,68 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def shard_file(root: str | Path, shard: int) -> Path:
+    return Path(root) / SHARDS / f"shard-{int(shard):05d}.parquet"
+
+
+def record_file(root: str | Path, shard: int) -> Path:
+    """Where shard ``shard``'s completion record is written."""
+    return Path(root) / META / f"shard-{int(shard):05d}.json"
+
+
+def legacy_record_file(root: str | Path, shard: int) -> Path:
+    return Path(root) / SHARDS / f"shard-{int(shard):05d}.json"
+
+
+def meta_file(root: str | Path, name: str) -> Path:
+    """``root/__raysys__/name``; for reading an old zoo, ``root/name`` when only that exists."""
+    path, legacy = Path(root) / META / name, Path(root) / name
+    return legacy if not path.exists() and name in LEGACY_META_FILES and legacy.exists() else path
+
+
+def manifest_path(root: str | Path) -> Path:
+    """The manifest of the zoo in ``root``: ``__raysys__/manifest.json``, or an old zoo's ``manifest.json``."""
+    path, legacy = Path(root) / MANIFEST, Path(root) / LEGACY_MANIFEST
+    return legacy if not path.exists() and legacy.exists() else path
+
+
+def is_legacy(root: str | Path) -> bool:
+    """Whether ``root`` holds any file of the first layout (what :func:`migrate_zoo` converts)."""
+    root = Path(root)
+    return ((root / LEGACY_MANIFEST).is_file() or any((root / n).is_file() for n in LEGACY_META_FILES)
+            or any((root / SHARDS).glob("shard-*.json")))
+
+
+def recorded_shards(root: str | Path) -> list[int]:
+    """Numbers of the shards that have a completion record, in either layout."""
+    root = Path(root)
+    found = {_shard_number(p) for p in (root / META).glob("shard-*.json")}
+    found |= {_shard_number(p) for p in (root / SHARDS).glob("shard-*.json")}
+    return sorted(found - {-1})
+
+
+def shard_record(root: str | Path, shard: int) -> tuple[Path | None, dict | None]:
+    """(path, record) of the record that fits shard ``shard``'s Parquet file (its size), else the first one
+    found (record None: not valid JSON), else (None, None). The new record comes first; an old zoo's, or one
+    that a migration stopped half-way through, is read in its place."""
+    path = shard_file(root, shard)
+    size = path.stat().st_size if path.exists() else None
+    first: tuple[Path | None, dict | None] = (None, None)
+    for rec_path in (record_file(root, shard), legacy_record_file(root, shard)):
+        if not rec_path.exists():
+            continue
+        try:
+            rec = json.loads(rec_path.read_text())
+            rec = rec if isinstance(rec, dict) else None
+        except ValueError:
+            rec = None
+        if rec is not None and size is not None and rec.get("bytes") in (None, size):
+            return rec_path, rec
+        if first[0] is None:
+            first = (rec_path, rec)
+    return first
+
+
 def splits_for(num_models: int, seed: int = 0) -> list[str]:
     perm = np.random.default_rng(seed).permutation(num_models)
     n_train, n_val = int(round(0.70 * num_models)), int(round(0.15 * num_models))
@@ -128,37 +215,78 @@ class ZooWriter:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        self._layout: dict | None = None
 
     def write_manifest(self, manifest: dict) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if is_legacy(self.root):  # never mix the two layouts in one directory
+            migrate_zoo(self.root)
+        (self.root / META).mkdir(parents=True, exist_ok=True)
         (self.root / SHARDS).mkdir(exist_ok=True)
         atomic_write_json(self.root / MANIFEST, {"raysys_version": __version__, **manifest})
+        self._layout = manifest.get("layout")
 
     def shard_path(self, shard: int) -> Path:
-        return self.root / SHARDS / f"shard-{shard:05d}.parquet"
+        return shard_file(self.root, shard)
+
+    def record_path(self, shard: int) -> Path:
+        return record_file(self.root, shard)
+
+    def _file_metadata(self, num_params: int) -> dict:
+        if self._layout is None:  # a worker's writer: the driver wrote the manifest
+            try:
+                self._layout = json.loads((self.root / MANIFEST).read_text()).get("layout")
+            except (OSError, ValueError):
+                self._layout = None
+        return layout_metadata(self._layout, num_params)
 
     def write_shard(self, shard: int, table: pa.Table, model_ids: Iterable[int]) -> dict:
-        path = self.shard_path(shard)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        record = {"shard": shard, "file": path.name, "rows": table.num_rows, "bytes": path.stat().st_size,
-                  "model_ids": sorted(int(m) for m in model_ids), "sha256": sha256_file(path)}
-        atomic_write_json(path.with_suffix(".json"), record)
+        record = _write_shard_file(self.root, shard, table, model_ids, self._file_metadata(_num_params(table)))
+        self.record_path(shard).parent.mkdir(exist_ok=True)
+        atomic_write_json(self.record_path(shard), record)
         return record
 
     def is_complete(self, shard: int) -> bool:
         path = self.shard_path(shard)
-        rec = path.with_suffix(".json")
-        if not (path.exists() and rec.exists()):
+        _, rec = shard_record(self.root, shard)
+        if not path.exists() or rec is None:
             return False
-        try:
-            return json.loads(rec.read_text())["sha256"] == sha256_file(path)
-        except (ValueError, KeyError):
-            return False
+        return rec.get("sha256") == sha256_file(path)
+
+
+def layout_metadata(layout: dict | None, num_params: int) -> dict:
+    """The Parquet schema metadata of a shard: ``raysys.layout`` -> JSON of layout, num_params, version."""
+    return {LAYOUT_KEY: json.dumps({"layout": layout, "num_params": int(num_params), "raysys_version": __version__},
+                                   sort_keys=True)}
+
+
+def _num_params(table: pa.Table) -> int:
+    t = table.schema.field("weights").type
+    t = getattr(t, "storage_type", t)
+    return int(t.list_size)
+
+
+def _write_shard_file(root: Path, shard: int, table: pa.Table, model_ids: Iterable[int], metadata: dict) -> dict:
+    """Write shard ``shard``'s Parquet file atomically (temporary name, fsync, rename); returns its record
+    (which the caller writes: after the file, so that a record always describes a complete file)."""
+    tmp, record = _stage_shard_file(root, shard, table, model_ids, metadata)
+    os.replace(tmp, shard_file(root, shard))
+    return record
+
+
+def _stage_shard_file(root: Path, shard: int, table: pa.Table, model_ids: Iterable[int],
+                      metadata: dict) -> tuple[Path, dict]:
+    """Shard ``shard``'s Parquet file written and fsynced under a temporary name, and the record of its bytes."""
+    path = shard_file(root, shard)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = _plain_weights(table)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           **{k.encode(): v.encode() for k, v in metadata.items()}})
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    return tmp, {"shard": int(shard), "file": path.name, "rows": table.num_rows, "bytes": tmp.stat().st_size,
+                 "model_ids": sorted(int(m) for m in model_ids), "sha256": sha256_file(tmp)}
 
 
 @dataclass
@@ -185,14 +313,14 @@ class Zoo:
         """
         planned = {int(s["shard"]) for s in self.manifest.get("shards", [])}
         files = []
-        for rec in sorted((self.root / SHARDS).glob("shard-*.json")):
-            path = rec.with_suffix(".parquet")
-            if planned and _shard_number(path) not in planned:
+        for sid in recorded_shards(self.root):
+            if planned and sid not in planned:
                 continue  # not in the plan: left over from another run or copied in, never data
-            try:
-                expected = json.loads(rec.read_text()).get("bytes")
-            except ValueError:
+            path = shard_file(self.root, sid)
+            _, rec = shard_record(self.root, sid)
+            if rec is None:
                 continue
+            expected = rec.get("bytes")
             if path.exists() and (expected is None or path.stat().st_size == expected):
                 files.append(path)
         return files
@@ -227,6 +355,8 @@ class Zoo:
         """(weights [rows, P] float32, metadata DataFrame in the same row order)."""
         t = self.table(None, epochs, splits)
         w = weights_numpy(t.column("weights"))
+        if not w.flags.writeable:  # a view of Arrow's buffer: callers may normalise in place
+            w = w.copy()
         return w, t.drop_columns(["weights"]).to_pandas()
 
 
@@ -238,34 +368,56 @@ def _shard_number(path: Path) -> int:
 
 
 def read_shard(path: Path, columns=None, filters=None) -> pa.Table:
-    """One shard, every page checksum verified (shards written before checksums were on have none, and are read as they are)."""
+    """One shard, every page checksum verified (shards written before checksums were on have none, and are read as
+    they are); an old shard's ``fixed_shape_tensor`` weights come back as the plain fixed-size list."""
     try:
-        return pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
+        table = pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as err:
         raise StoreError(f"shard {path} is corrupt ({type(err).__name__}: {err}). 'raysys zoo verify "
                          f"{path.parent.parent}' lists the damaged shards; delete them and rerun 'raysys zoo "
                          f"generate' with the same config and --out to write them again.") from None
+    return _plain_weights(table).replace_schema_metadata(None)
 
 
-def weights_column(weights: np.ndarray) -> pa.ExtensionArray:
-    """[N, P] weights -> the store's ``fixed_shape_tensor`` float32 column (the inverse of :func:`weights_numpy`)."""
+def _plain_weights(table: pa.Table) -> pa.Table:
+    """The table with an Arrow ``fixed_shape_tensor`` weights column (the first layout) as its storage list."""
+    if "weights" not in table.column_names:
+        return table
+    t = table.schema.field("weights").type
+    if not isinstance(t, pa.BaseExtensionType):
+        return table
+    i = table.schema.get_field_index("weights")
+    return table.set_column(i, pa.field("weights", t.storage_type), table.column(i).cast(t.storage_type))
+
+
+def weights_column(weights: np.ndarray) -> pa.FixedSizeListArray:
+    """[N, P] weights -> the store's ``fixed_size_list<float32>[P]`` column (the inverse of :func:`weights_numpy`)."""
     weights = np.ascontiguousarray(weights, dtype=np.float32)
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), weights.shape[1])
-    return pa.ExtensionArray.from_storage(pa.fixed_shape_tensor(pa.float32(), [weights.shape[1]]), storage)
+    return pa.FixedSizeListArray.from_arrays(pa.array(weights.reshape(-1)), weights.shape[1])
 
 
 def weights_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A weights column -> [N, P] float32: a zero-copy (read-only) view of a single chunk, one concatenation of
+    several. Takes the plain fixed-size list and the first layout's ``fixed_shape_tensor``."""
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    if not chunks:
-        return np.zeros((0, 0), np.float32)
-    return np.concatenate([c.to_numpy_ndarray() for c in chunks]).astype(np.float32, copy=False)
+    t = column.type
+    t = getattr(t, "storage_type", t)
+    if not pa.types.is_fixed_size_list(t):
+        raise StoreError(f"weights column of type {column.type} is not a fixed-size list of float32")
+    size = t.list_size
+    parts = [(c.storage if isinstance(c, pa.ExtensionArray) else c).flatten().to_numpy().reshape(-1, size)
+             for c in chunks if len(c)]
+    if not parts:
+        return np.zeros((0, size), np.float32)
+    w = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return w.astype(np.float32, copy=False)
 
 
 def open_zoo(root: str | Path, check: bool = True, partial: bool = False) -> Zoo:
     """Open a zoo directory; ``check`` also refuses a manifest whose layout disagrees with the data;
     ``partial`` allows reading a zoo whose generation has not finished (the shards written so far)."""
     root = Path(root)
-    path = root / MANIFEST
+    path = manifest_path(root)
     if not path.exists():
         raise StoreError(f"{root} is not a zoo: {MANIFEST} is missing. Point at a directory written by "
                          f"'raysys zoo generate CONFIG --out DIR'.")
@@ -279,3 +431,95 @@ def open_zoo(root: str | Path, check: bool = True, partial: bool = False) -> Zoo
 
         check_schema(zoo)
     return zoo
+
+
+# --- migration from the first layout --------------------------------------------------------------
+
+def migrate_zoo(root: str | Path, out: str | Path | None = None) -> dict:
+    """Convert a zoo of the first layout (``manifest.json``, ``shards/shard-N.json`` records, ``fixed_shape_tensor``
+    weights) to this one, in place, or into a new directory ``out``. Returns a summary.
+
+    In place, each step leaves a zoo that reads: per shard, the new record (in ``__raysys__/``) is written
+    first, then the converted Parquet file replaces the old one under a temporary name and a rename, then
+    the old record goes; the manifest moves last. Until then readers take whichever record fits each file.
+    Rerunning after a crash finishes the job. A shard without a complete record (an unfinished run's) is
+    left for ``zoo generate`` to redo. The manifest's shard checksums change with the files, so a
+    checkpoint or an aligned copy made from the old bytes no longer matches this zoo's hash.
+    """
+    root = Path(root)
+    src_manifest = manifest_path(root)
+    if not src_manifest.is_file():
+        raise StoreError(f"{root} is not a zoo: neither {MANIFEST} nor {LEGACY_MANIFEST} is there.")
+    try:
+        manifest = json.loads(src_manifest.read_text())
+    except ValueError as err:
+        raise StoreError(f"{src_manifest} is not valid JSON ({err}); the zoo is corrupt.") from None
+    dst = Path(out) if out is not None else root
+    in_place = out is None or dst.resolve() == root.resolve()
+    if not in_place and dst.exists() and any(dst.iterdir()):
+        raise StoreError(f"--out {dst} exists and is not empty. Choose a new directory (or an empty one).")
+    summary = {"zoo": str(root), "out": str(dst), "converted": 0, "already": 0, "skipped": []}
+    if in_place and not is_legacy(root):
+        summary["already"] = len(recorded_shards(root))
+        return summary
+    (dst / META).mkdir(parents=True, exist_ok=True)
+    (dst / SHARDS).mkdir(exist_ok=True)
+    if in_place:  # temporary files of a migration (or a run) that was killed
+        for tmp in [*(root / SHARDS).glob(".*.tmp"), *(root / META).glob(".*.tmp")]:
+            tmp.unlink(missing_ok=True)
+    layout = manifest.get("layout")
+    records = {}
+    for sid in recorded_shards(root):
+        path, new_rec = shard_file(root, sid), record_file(dst, sid)
+        rec_path, rec = shard_record(root, sid)
+        if rec is None or not path.exists() or rec.get("sha256") != sha256_file(path):
+            summary["skipped"].append(sid)  # not complete: generate redoes it
+            if in_place:
+                legacy_record_file(root, sid).unlink(missing_ok=True)
+            continue
+        if in_place and rec_path == new_rec:  # converted before a crash
+            legacy_record_file(root, sid).unlink(missing_ok=True)
+            records[sid] = rec
+            summary["already"] += 1
+            continue
+        table = read_shard(path)
+        tmp, record = _stage_shard_file(dst, sid, table, rec.get("model_ids", []),
+                                        layout_metadata(layout, _num_params(table)))
+        if in_place:  # the new record first (the old one still fits the old file), then the file, then the old record
+            atomic_write_json(new_rec, record)
+            os.replace(tmp, path)
+            legacy_record_file(root, sid).unlink(missing_ok=True)
+        else:
+            os.replace(tmp, shard_file(dst, sid))
+            atomic_write_json(new_rec, record)
+        records[sid] = record
+        summary["converted"] += 1
+    for name in LEGACY_META_FILES:
+        src = meta_file(root, name)
+        if in_place and (root / name).is_file():
+            if src == root / name:
+                os.replace(src, dst / META / name)
+            else:  # moved before a crash, or written anew since
+                (root / name).unlink()
+        elif not in_place and src.is_file():
+            shutil.copy2(src, dst / META / name)
+    if isinstance(manifest.get("shards"), list):
+        manifest["shards"] = [{**s, **({"sha256": records[int(s["shard"])]["sha256"],
+                                         "rows": records[int(s["shard"])]["rows"]}
+                                        if "sha256" in s and int(s["shard"]) in records else {})}
+                              for s in manifest["shards"]]
+    aligned = manifest.get("aligned")
+    if isinstance(aligned, dict) and aligned.get("template_file") in LEGACY_META_FILES:
+        aligned["template_file"] = f"{META}/{aligned['template_file']}"
+    atomic_write_json(dst / MANIFEST, manifest)
+    if in_place:
+        (root / LEGACY_MANIFEST).unlink(missing_ok=True)
+    return summary
+
+
+def _cmd_migrate(args) -> int:
+    summary = migrate_zoo(args.dir, args.out)
+    print(f"raysys zoo migrate: {summary['out']}: {summary['converted']} shards converted, {summary['already']} "
+          f"already in the current layout" + (f", shards {summary['skipped']} skipped (incomplete: rerun "
+                                               f"'raysys zoo generate' to redo them)" if summary["skipped"] else ""))
+    return 0

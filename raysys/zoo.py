@@ -27,7 +27,8 @@ from pydantic import Field, field_validator, model_validator
 
 from raysys import __version__, architectures
 from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
-from raysys.store import SHARDS, ZooWriter, atomic_write_bytes, open_zoo, rows_table, splits_for
+from raysys.store import (META, SHARDS, SUMMARY_PLOT, ZooWriter, atomic_write_bytes, manifest_path, open_zoo, rows_table,
+                          shard_record, splits_for)
 from raysys.train import ModelSpec
 
 # --- config ---------------------------------------------------------------------------------
@@ -382,7 +383,7 @@ def _manifest(config: ZooConfig, data, shards: list[Shard], splits: list[str], s
 
 def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
     """True when out_dir already holds this zoo (resume); error when it holds another one."""
-    path = out_dir / "manifest.json"
+    path = manifest_path(out_dir)
     if not path.exists():
         if out_dir.exists() and any(p.name != ".ray_train" for p in out_dir.iterdir()):
             raise RaysysError(f"{out_dir} exists, is not empty and holds no zoo manifest. "
@@ -409,7 +410,7 @@ def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
 def _clean_partial_files(out_dir: Path) -> int:
     """Remove temporary files left by a killed run (complete shards are never temporary)."""
     n = 0
-    for p in (out_dir / SHARDS).glob(".*.tmp"):
+    for p in [*(out_dir / SHARDS).glob(".*.tmp"), *(out_dir / META).glob(".*.tmp")]:
         p.unlink(missing_ok=True)
         n += 1
     return n
@@ -447,7 +448,9 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
         from raysys.integrity import verify_zoo
 
         for sid in verify_zoo(out_dir, checksums=False).bad_shards:
-            writer.shard_path(sid).with_suffix(".json").unlink(missing_ok=True)
+            rec, _ = shard_record(out_dir, sid)
+            if rec is not None:
+                rec.unlink(missing_ok=True)
     pending = [s for s in shards if not writer.is_complete(s.shard)]
 
     started_ray = runtime.init_ray(config.ray_address) if pending else False
@@ -518,18 +521,18 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
         if missing:
             raise RaysysError(f"shards {missing} of {out_dir} are incomplete after training. "
                               f"Rerun the same command to resume.")
-        records = {s.shard: json.loads(writer.shard_path(s.shard).with_suffix(".json").read_text()) for s in shards}
+        records = {s.shard: shard_record(out_dir, s.shard)[1] for s in shards}
         manifest = _manifest(config, data, shards, splits, "complete", records)
         writer.write_manifest(manifest)
         zoo = open_zoo(out_dir)
         summary = summarize(zoo)
-        plot = out_dir / "summary.png"
+        plot = out_dir / META / SUMMARY_PLOT
         plot_accuracy(zoo, plot)
         mlflow.log_metrics({"model_epochs_done": total, "wall_s": wall,
                             "test_acc_last_mean": summary["test_acc_last"][0],
                             "test_acc_last_std": summary["test_acc_last"][1],
                             "diverged_models": summary["diverged_models"]})
-        mlflow.log_artifact(str(out_dir / "manifest.json"))
+        mlflow.log_artifact(str(manifest_path(out_dir)))
         mlflow.log_artifact(str(plot))
     shutil.rmtree(out_dir / ".ray_train", ignore_errors=True)  # Ray Train's run records; the zoo is complete
     return manifest

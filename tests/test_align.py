@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from raysys import align, architectures, cli
 from raysys.config import RaysysError, validate
 from raysys.integrity import verify_zoo
-from raysys.store import SHARDS, ZooWriter, open_zoo, sha256_file, splits_for, weights_numpy
+from raysys.store import MANIFEST, META, SHARDS, ZooWriter, open_zoo, sha256_file, splits_for, weights_numpy
 from raysys.zoo import ZooConfig, _manifest, expand, plan_shards, train_shard
 
 TINY = {"name": "tiny-digits", "dataset": {"name": "digits"}, "arch": "cnn_s",
@@ -46,7 +46,7 @@ def zoos(tmp_path_factory, digits):
 
 
 def shard_digests(zoo: Path) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in sorted((zoo / SHARDS).glob("shard-*"))}
+    return {p.name: sha256_file(p) for p in sorted([*(zoo / SHARDS).glob("shard-*"), *(zoo / META).glob("shard-*")])}
 
 
 def random_perms(layout, seed):
@@ -98,7 +98,7 @@ def test_template_is_built_from_training_states_of_the_last_epochs_only(zoos):
     W, meta = src.weights(epochs=[2, 3], splits=["train"])
     order = np.lexsort((-meta["epoch"].to_numpy(), meta["model_id"].to_numpy()))
     expected = align.build_template(W[order], src.layout, rounds=2)
-    stored = align._load_template(zoos["dst"] / align.TEMPLATE_FILE, src.num_params)
+    stored = align._load_template(zoos["dst"] / META / align.TEMPLATE_FILE, src.num_params)
     np.testing.assert_array_equal(stored, expected)
     assert zoos["result"]["template_epochs"] == [2, 3]
 
@@ -123,7 +123,7 @@ def test_aligned_zoo_verifies_and_keeps_every_row_split_and_metric(zoos):
 
 @pytest.mark.slow
 def test_aligned_states_are_closer_to_the_template(zoos):
-    template = align._load_template(zoos["dst"] / align.TEMPLATE_FILE, open_zoo(zoos["src"]).num_params)
+    template = align._load_template(zoos["dst"] / META / align.TEMPLATE_FILE, open_zoo(zoos["src"]).num_params)
     for epochs in ([0], [3]):
         before = np.linalg.norm(open_zoo(zoos["src"]).weights(epochs=epochs)[0] - template, axis=1).mean()
         after = np.linalg.norm(open_zoo(zoos["dst"]).weights(epochs=epochs)[0] - template, axis=1).mean()
@@ -156,8 +156,8 @@ def test_rerun_after_a_crash_or_a_lost_shard_ends_identical(zoos, monkeypatch):
     r = align.align_zoo(zoos["src"], dst, template_epochs=2, rounds=2)
     assert (r["shards_skipped"], r["shards_written"]) == (1, 2)
     assert shard_digests(dst) == shard_digests(zoos["dst"])
-    assert json.loads((dst / "manifest.json").read_text())["shards"] == \
-        json.loads((zoos["dst"] / "manifest.json").read_text())["shards"]
+    assert json.loads((dst / MANIFEST).read_text())["shards"] == \
+        json.loads((zoos["dst"] / MANIFEST).read_text())["shards"]
     assert not list(dst.rglob("*.tmp"))
 
     (dst / SHARDS / "shard-00001.parquet").unlink()
@@ -166,7 +166,7 @@ def test_rerun_after_a_crash_or_a_lost_shard_ends_identical(zoos, monkeypatch):
     assert (r["shards_skipped"], r["shards_written"]) == (2, 1)
     assert shard_digests(dst) == shard_digests(zoos["dst"]) and verify_zoo(dst).ok
 
-    (dst / align.TEMPLATE_FILE).unlink()  # lost template: recomputed, and every shard is redone with it
+    (dst / META / align.TEMPLATE_FILE).unlink()  # lost template: recomputed, and every shard is redone with it
     r = align.align_zoo(zoos["src"], dst, template_epochs=2, rounds=2)
     assert (r["shards_skipped"], r["shards_written"]) == (0, 3)
     assert shard_digests(dst) == shard_digests(zoos["dst"])
@@ -180,8 +180,8 @@ def test_other_options_other_source_or_a_generated_zoo_are_refused(zoos, digits)
         align.align_zoo(zoos["src"], zoos["dst"], template_epochs=3, rounds=2)
     other = zoos["root"] / "other"
     shutil.copytree(zoos["src"], other)
-    manifest = json.loads((other / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**manifest, "split_seed": 1}))  # not the same zoo any more
+    manifest = json.loads((other / MANIFEST).read_text())
+    (other / MANIFEST).write_text(json.dumps({**manifest, "split_seed": 1}))  # not the same zoo any more
     with pytest.raises(RaysysError, match="different source zoo"):
         align.align_zoo(other, zoos["dst"], template_epochs=2, rounds=2)
     with pytest.raises(RaysysError, match="not an aligned copy"):
@@ -240,12 +240,11 @@ def test_diverged_states_are_copied_unchanged(tmp_path, digits):
     W = weights_numpy(t.column("weights")).copy()
     W[t.column("model_id").to_numpy() == 0] = np.nan
     field = t.schema.field("weights")
-    column = pa.ExtensionArray.from_storage(field.type, pa.FixedSizeListArray.from_arrays(pa.array(W.reshape(-1)),
-                                                                                          W.shape[1]))
+    column = pa.FixedSizeListArray.from_arrays(pa.array(W.reshape(-1)), W.shape[1])
     record = ZooWriter(src).write_shard(0, t.set_column(t.schema.get_field_index("weights"), field, column), range(4))
-    manifest = json.loads((src / "manifest.json").read_text())
+    manifest = json.loads((src / MANIFEST).read_text())
     manifest["shards"][0]["sha256"] = record["sha256"]
-    (src / "manifest.json").write_text(json.dumps(manifest))
+    (src / MANIFEST).write_text(json.dumps(manifest))
     assert verify_zoo(src).ok
 
     r = align.align_zoo(src, tmp_path / "dst", template_epochs=1, rounds=1)

@@ -188,7 +188,9 @@ def test_zoo_generate_job_runs_on_the_cluster_that_runs_the_job(services, tmp_pa
     log = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in log, log[-6000:]
     assert "zoo          job-zoo (complete)" in log
-    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    from raysys.store import MANIFEST
+
+    assert json.loads((out / MANIFEST).read_text())["status"] == "complete"
 
     base = services["mlflow"]
     exp = rest(base, "experiments/get-by-name", query={"experiment_name": "raysys-zoo"})["experiment"]
@@ -202,8 +204,10 @@ def test_zoo_generate_job_runs_on_the_cluster_that_runs_the_job(services, tmp_pa
 
 def test_pipeline_job_writes_the_report(first_run):
     out = first_run["out"]
+    from raysys.pipeline import stage_file
+
     for stage in ("zoo", "hyperrep", "populations"):
-        record = json.loads((out / stage / "stage.json").read_text())
+        record = json.loads(stage_file(out / stage).read_text())
         assert len(record["hash"]) == 16 and record["mlflow_run_id"], stage
     report = json.loads((out / "report.json").read_text())
     assert report["name"] == first_run["name"]
@@ -258,7 +262,7 @@ def test_rerun_skips_every_stage_and_needs_no_ray(services, first_run, capsys):
     from raysys import pipeline
 
     out = first_run["out"]
-    before = {s: (out / s / "stage.json").read_text() for s in ("zoo", "zoo_aligned", "hyperrep", "populations")}
+    before = {s: pipeline.stage_file(out / s).read_text() for s in ("zoo", "zoo_aligned", "hyperrep", "populations")}
     config = pipeline.load_config(ROOT / "configs" / "pipeline" / "tiny.yaml",
                                   [f"name={first_run['name']}-rerun", f"tracking_uri={services['mlflow']}"])
     was_running = ray.is_initialized()
@@ -266,7 +270,7 @@ def test_rerun_skips_every_stage_and_needs_no_ray(services, first_run, capsys):
     log = capsys.readouterr().out
     for stage in before:
         assert f"{stage}: up to date" in log
-        assert (out / stage / "stage.json").read_text() == before[stage]  # untouched, not redone
+        assert pipeline.stage_file(out / stage).read_text() == before[stage]  # untouched, not redone
     assert ray.is_initialized() == was_running
     assert report["hashes"]["zoo"] in before["zoo"]
     assert json.loads((out / "report.json").read_text())["name"] == f"{first_run['name']}-rerun"

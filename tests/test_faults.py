@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from raysys import architectures, cli, datasets
 from raysys.config import RaysysError, validate
 from raysys.integrity import verify_zoo
-from raysys.store import ZooWriter, open_zoo, rows_table, splits_for
+from raysys.store import MANIFEST, META, ZooWriter, open_zoo, rows_table, splits_for
 from raysys.train import METRICS, ModelSpec
 
 TIMEOUT_S = 240
@@ -180,7 +180,7 @@ def test_verify_finds_every_kind_of_damage(tmp_path, capsys):
         assert word in out, out
     # a record without its Parquet file, and a Parquet file without its record
     writer.shard_path(3).unlink()
-    rec1 = writer.shard_path(1).with_suffix(".json")
+    rec1 = writer.record_path(1)
     rec1.unlink()
     report = verify_zoo(root)
     kinds = {(p.kind, p.shard) for p in report.problems}
@@ -191,7 +191,7 @@ DAMAGE = {
     "truncate": lambda w, s: w.shard_path(s).write_bytes(w.shard_path(s).read_bytes()[:100]),
     "flip": lambda w, s: flip_bytes(w.shard_path(s)),
     "lose": lambda w, s: w.shard_path(s).unlink(),
-    "unrecord": lambda w, s: w.shard_path(s).with_suffix(".json").unlink(),
+    "unrecord": lambda w, s: w.record_path(s).unlink(),
 }
 
 
@@ -210,16 +210,16 @@ def test_verify_flags_exactly_the_damaged_shards(tmp_path_factory, damage):
 def test_readers_refuse_a_manifest_that_disagrees_with_the_data(tmp_path):
     root = tmp_path / "zoo"
     write_store(root)
-    manifest = json.loads((root / "manifest.json").read_text())
+    manifest = json.loads((root / MANIFEST).read_text())
     digits = datasets.load("digits")
     manifest["layout"] = architectures.layout_of("cnn_s", digits.in_channels, digits.num_classes).to_dict()
     manifest.pop("num_params")
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(RaysysError, match=r"manifest and data disagree.*length 100.*2464 parameters.*new --out"):
         open_zoo(root)
     assert any(p.kind == "schema" for p in verify_zoo(root).problems)
     manifest["num_params"] = 100
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(RaysysError, match="num_params 100 but its layout has 2464"):
         open_zoo(root)
 
@@ -253,7 +253,7 @@ def test_worker_killed_mid_zoo_then_a_corrupted_shard_is_rewritten_alone(tmp_pat
     config = validate(ZooConfig, {**ZOO, "mlflow": {"tracking_uri": mlflow_uri, "experiment": "faults"}})
     out, n_shards = tmp_path / "zoo", 4
     writer = ZooWriter(out)
-    first_shard_done = lambda: any((out / "shards").glob("shard-*.json"))  # noqa: E731
+    first_shard_done = lambda: any((out / META).glob("shard-*.json"))  # noqa: E731
     with Killer("ray::RayTrainWorker", ready=first_shard_done) as killer:
         generate(config, out, progress=False)
     assert killer.killed, "no Ray Train worker was found to kill"
@@ -279,9 +279,9 @@ def test_worker_killed_mid_zoo_then_a_corrupted_shard_is_rewritten_alone(tmp_pat
     assert cli.main(["zoo", "verify", str(out)]) == 0
     w2, meta2 = open_zoo(out).weights()
     np.testing.assert_allclose(w2, ref_w, rtol=1e-5, atol=1e-6)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["status"] == "complete"
-    assert manifest["shards"][2]["sha256"] == json.loads(writer.shard_path(2).with_suffix(".json").read_text())["sha256"]
+    assert manifest["shards"][2]["sha256"] == json.loads(writer.record_path(2).read_text())["sha256"]
 
 
 # --- a fine-tuning actor killed mid-population ------------------------------------------------------

@@ -19,6 +19,7 @@ from raysys.hyperrep.config import HyperRepConfig
 from raysys.hyperrep.losses import layer_statistics, ntxent, positive_only, r2_score, reconstruction_loss
 from raysys.hyperrep.model import HyperRepresentation
 from raysys.hyperrep.tokens import Tokenizer
+from raysys.store import MANIFEST
 
 CHAINS = [("tetris_ffn", 1, 4), ("cnn_s", 1, 10), ("cnn_s", 3, 10), ("cnn_m", 3, 10)]
 TINY = {"model": {"d_model": 32, "heads": 2, "layers": 1, "ff": 64, "latent_dim": 8, "dropout": 0.0,
@@ -531,8 +532,8 @@ def test_resume_with_nothing_to_resume_starts_fresh_and_refuses_another_config_o
         train(other, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, resume=True, progress=False)
     moved = tmp_path / "zoo2"
     shutil.copytree(tiny_zoo, moved)
-    manifest = json.loads((moved / "manifest.json").read_text())
-    (moved / "manifest.json").write_text(json.dumps({**manifest, "config": {"note": "another zoo"}}))
+    manifest = json.loads((moved / MANIFEST).read_text())
+    (moved / MANIFEST).write_text(json.dumps({**manifest, "config": {"note": "another zoo"}}))
     with pytest.raises(RaysysError, match="different zoo.*drop --resume"):
         train(cfg, moved, tmp_path / "ck", tracking_uri=mlflow_uri, resume=True, progress=False)
     threads = cfg.model_copy(deep=True)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from raysys import datasets
 from raysys.architectures import layout_of
 from raysys.config import RaysysError, validate
-from raysys.store import ZooWriter, open_zoo, splits_for
+from raysys.store import MANIFEST, META, ZooWriter, open_zoo, splits_for
 from raysys.zoo import ZooConfig, expand, format_summary, generate, plan_shards, summarize, train_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,7 +163,7 @@ def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_l
         [sys.executable, "-c", run, str(cfg), str(out), f"ray_address={address}", f"mlflow.tracking_uri={mlflow_uri}"],
         cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not list((out / "shards").glob("shard-*.json")):
+    while time.time() < deadline and proc.poll() is None and not list((out / META).glob("shard-*.json")):
         time.sleep(0.05)
     alive = proc.poll() is None
     os.killpg(proc.pid, signal.SIGKILL)
@@ -174,7 +174,7 @@ def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_l
     # wait until it has stopped writing so the state below is what the rerun starts from.
     last, stable_since = None, time.time()
     while time.time() - stable_since < 3:
-        state = sorted((p.name, p.stat().st_mtime_ns) for p in (out / "shards").glob("shard-*"))
+        state = sorted((p.name, p.stat().st_mtime_ns) for p in [*(out / "shards").glob("shard-*"), *(out / META).glob("shard-*")])
         if state != last:
             last, stable_since = state, time.time()
         time.sleep(0.2)
@@ -183,17 +183,17 @@ def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_l
         # On an idle machine the orphaned worker can finish every tiny shard before Ray reaps it;
         # drop the later shards' completion records, the state an earlier death leaves behind.
         for s in complete[n_shards // 2:]:
-            writer.shard_path(s).with_suffix(".json").unlink()
+            writer.record_path(s).unlink()
         complete = complete[:n_shards // 2]
     assert 1 <= len(complete) < n_shards, complete
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["status"] == "running" and len(manifest["shards"]) == n_shards
     before = {s: writer.shard_path(s).stat().st_mtime_ns for s in complete}
 
     # 2. what a crash mid-write can leave: a temp file, and a truncated parquet without its record
     torn = max(s for s in range(n_shards) if s not in complete)
     writer.shard_path(torn).write_bytes(b"PAR1 truncated")
-    writer.shard_path(torn).with_suffix(".json").unlink(missing_ok=True)
+    writer.record_path(torn).unlink(missing_ok=True)
     (out / "shards" / f".shard-{torn:05d}.parquet.deadbeef.tmp").write_bytes(b"half")
 
     # 3. rerun the same command: skips complete shards, redoes the rest
@@ -213,7 +213,7 @@ def test_generate_killed_midway_resumes_to_the_uninterrupted_zoo(tmp_path, ray_l
     np.testing.assert_allclose(meta.test_acc, ref_meta.test_acc, atol=1e-9)
     assert (meta.groupby("model_id").split.nunique() == 1).all()
 
-    final = json.loads((out / "manifest.json").read_text())
+    final = json.loads((out / MANIFEST).read_text())
     assert final["status"] == "complete" and all(len(s["sha256"]) == 64 for s in final["shards"])
     assert final["dataset"]["name"] == "tetris" and final["layout"]["arch"] == "tetris_ffn"
     assert final["splits"] == splits_for(16, 0)

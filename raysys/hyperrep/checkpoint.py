@@ -16,14 +16,14 @@ from raysys import __version__
 from raysys.architectures import Layout
 from raysys.config import RaysysError, validate
 from raysys.hyperrep.config import HyperRepConfig
-from raysys.store import MANIFEST, atomic_write_json
+from raysys.store import atomic_write_json, manifest_path
 
 FORMAT = "raysys.hyperrep/1"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
 def manifest_sha256(zoo_dir: str | Path) -> str:
-    return hashlib.sha256((Path(zoo_dir) / MANIFEST).read_bytes()).hexdigest()
+    return hashlib.sha256(manifest_path(zoo_dir).read_bytes()).hexdigest()
 
 
 def save_checkpoint(model, directory: str | Path, meta: dict) -> Path:
