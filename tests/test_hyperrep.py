@@ -409,8 +409,9 @@ def test_training_lowers_reconstruction_and_tracks_in_mlflow(tiny_zoo, tmp_path,
     assert run.info.status == "FINISHED"
     assert run.data.params["model.d_model"] == "32" and run.data.params["loss.lwln"] == "True"
     assert len(client.get_metric_history(run.info.run_id, "val_rec")) == 8
-    assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= \
-        {f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")}
+    logged = {f.path for f in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/model.safetensors", "checkpoint/config.json"} <= logged
+    assert "checkpoint/resume" not in logged and not (tmp_path / "ck" / "resume").exists()
 
     # The best checkpoint reloads, reproduces the reported validation loss, and guards its architecture.
     model = load_for_zoo(tmp_path / "ck", tiny_zoo)
@@ -509,6 +510,33 @@ def test_interrupted_then_resumed_training_equals_an_uninterrupted_one(tiny_zoo,
     assert run.info.status == "FINISHED" and run.data.tags["raysys.resumed_after_epoch"] == "3"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_rec")) == list(range(1, 7))
     assert run.data.params["model.dropout"] == "0.1"
+
+
+@pytest.mark.slow
+def test_a_crash_in_the_final_mlflow_logging_keeps_the_resume_state(tiny_zoo, tmp_path, mlflow_uri, monkeypatch):
+    """The resume state is removed only after the run's last MLflow call: a tracking server that fails while the
+    checkpoint uploads leaves a training that ``--resume`` finishes without running an epoch again."""
+    import mlflow
+
+    from raysys.hyperrep.train import train
+
+    cfg = _resume_config("cosine")
+    real = mlflow.log_artifact
+
+    def server_gone(*args, **kwargs):
+        raise OSError("tracking server went away")
+
+    monkeypatch.setattr(mlflow, "log_artifact", server_gone)
+    seen = []
+    with pytest.raises(OSError, match="went away"):
+        train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, report=lambda e, m: seen.append(e),
+              progress=False)
+    assert seen == list(range(1, 7)) and (tmp_path / "ck" / "resume" / "state.safetensors").exists()
+    monkeypatch.setattr(mlflow, "log_artifact", real)
+    summary = train(cfg, tiny_zoo, tmp_path / "ck", tracking_uri=mlflow_uri, resume=True,
+                    report=lambda e, m: seen.append(e), progress=False)
+    assert seen == list(range(1, 7)) and summary["epochs_run"] == 6  # no epoch trained twice
+    assert not (tmp_path / "ck" / "resume").exists()
 
 
 @pytest.mark.slow
