@@ -352,8 +352,7 @@ def link_runs(uri: str, config: PipelineConfig, out: Path, runs: dict, report: d
     from raysys import tracking
 
     client = tracking.client(uri)
-    exp = client.get_experiment_by_name(EXPERIMENTS["pipeline"])
-    exp_id = exp.experiment_id if exp else client.create_experiment(EXPERIMENTS["pipeline"])
+    exp_id = tracking.experiment_id(uri, EXPERIMENTS["pipeline"])
     tags = {"raysys.stage": "pipeline", "raysys.pipeline": config.name, "raysys.out_dir": str(out),
             "raysys.version": __version__, **{f"raysys.{k}_run": v for k, v in runs.items() if v}}
     run = client.create_run(exp_id, run_name=config.name, tags=tags)

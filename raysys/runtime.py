@@ -120,7 +120,9 @@ _TOKEN_BANNER = _DropMessage("Token authentication is enabled for this Ray clust
 def _quiet_driver_logs() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_BANNER)
     # MLflow announces every new sqlite store at INFO; raysys prints where runs go itself
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    from raysys.tracking import quiet_logs
+
+    quiet_logs()
 
 
 # Lines Ray's own actors print that say nothing about the user's work (matched as substrings).

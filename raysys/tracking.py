@@ -1,7 +1,11 @@
 """MLflow helpers shared by every stage: one place that decides where runs go and how configs become params.
 
 MLflow 3 refuses the old file store, and Ray Tune changes the working directory of trials, so
-every tracking URI is made absolute here before anything talks to MLflow.
+every tracking URI is made absolute here before anything talks to MLflow. Every experiment raysys
+creates comes from :func:`experiment_id`, which tags it as a model-training experiment
+(:data:`EXPERIMENT_KIND_TAG`), so MLflow 3's UI opens it on the runs table rather than its GenAI
+overview. MLflow's INFO lines about creating and migrating a sqlite store are not printed
+(:func:`quiet_logs`); its warnings and errors are.
 """
 from __future__ import annotations
 
@@ -17,6 +21,13 @@ if TYPE_CHECKING:
     import mlflow
 
 DEFAULT_DB = "mlflow.db"
+# The experiment tag MLflow 3's UI reads to pick an experiment's layout ("genai_development" opens the
+# GenAI overview; "custom_model_development" the runs table). Values from mlflow/server/js's ExperimentKind.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+# Loggers whose INFO lines announce a new or migrated sqlite store ("Creating initial MLflow database
+# tables...", alembic's "Context impl SQLiteImpl."): raysys says where runs go itself.
+QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
 CREDENTIALS = re.compile(r"(://[^/\s:@]+):[^/\s@]+@")
 
@@ -90,6 +101,7 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
 
     from raysys.integrity import check_tracking_uri
 
+    quiet_logs()
     uri = check_tracking_uri(tracking_uri)  # resolves it too
     mlflow.set_tracking_uri(uri)
     try:
@@ -113,18 +125,22 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
 def experiment_id(tracking_uri: str | None, name: str) -> str:
     """The id of experiment ``name``, created if missing with its artifacts beside a sqlite database.
 
-    Left to MLflow, an experiment created on a sqlite store keeps its artifacts in ./mlruns of
-    whichever directory the first run happened to start in (Tune trials change it); with a
-    server, the server decides.
+    The one place raysys creates experiments. Left to MLflow, an experiment created on a sqlite
+    store keeps its artifacts in ./mlruns of whichever directory the first run happened to start
+    in (Tune trials change it); with a server, the server decides. Each is tagged as a model-training
+    experiment (:data:`EXPERIMENT_KIND_TAG`), an existing one without a kind too (made by an older raysys).
     """
     uri = resolve_tracking_uri(tracking_uri)
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind someone chose in the UI stays
+            _set_kind(c, exp.experiment_id)
         return exp.experiment_id
     root = Path(uri[len("sqlite:///"):]).parent / "mlartifacts" / name if uri.startswith("sqlite:///") else None
     try:
-        return c.create_experiment(name, artifact_location=None if root is None else str(root))
+        return c.create_experiment(name, artifact_location=None if root is None else str(root),
+                                   tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING})
     except Exception:  # created by a concurrent process in the meantime
         exp = c.get_experiment_by_name(name)
         if exp is None:
@@ -132,8 +148,26 @@ def experiment_id(tracking_uri: str | None, name: str) -> str:
         return exp.experiment_id
 
 
+def _set_kind(c, exp_id: str) -> None:
+    try:
+        c.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    except Exception:  # noqa: S110 - a read-only user or server: the UI merely opens another tab first
+        pass
+
+
+def quiet_logs() -> None:
+    """MLflow's and alembic's INFO lines about creating/migrating a database off the console (idempotent)."""
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
+
+
 def client(tracking_uri: str | None = None):
     """An ``MlflowClient`` on the resolved URI (thread-safe logging from a progress thread)."""
     from mlflow.tracking import MlflowClient
 
+    quiet_logs()
     return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))

@@ -241,16 +241,16 @@ def _tracking_uri(cfg: PopulationsConfig, out_dir: Path, override: str | None) -
 class _Tracker:
     """One parent run for the stage, one child run per population (MlflowClient, driver side only)."""
 
-    def __init__(self, uri: str, experiment: str, parent_run_id: str | None, params: dict):
+    def __init__(self, uri: str, experiment: str, parent_run_id: str | None, params: dict, budgets=()):
         self.client = tracking.client(uri)
+        self.budgets = list(budgets)
         self.run_ids: dict[str, str] = {}
         if parent_run_id is not None:
             self.parent = parent_run_id
             self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
             self.own_parent = False
         else:
-            exp = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            self.experiment_id = tracking.experiment_id(uri, experiment)
             self.parent = self.client.create_run(self.experiment_id, run_name="populations").info.run_id
             self.own_parent = True
             from mlflow.entities import Param
@@ -269,7 +269,18 @@ class _Tracker:
         metrics += [Metric("test_acc_std", float(np.nanstd(curve[e])), now, e) for e in range(len(curve))]
         params = [Param("method", job.name), Param("setting", job.setting), Param("dataset", job.dataset),
                   Param("num_models", str(len(job.specs))), Param("epochs", str(job.epochs))]
+        # the headline figures: accuracy of the sampled population at each fine-tuning budget, on the child
+        # ("acc_ep5_mean") and on the parent ("in_dataset/B_T30/acc_ep5_mean"), so one table compares methods
+        headline = {}
+        for b in self.budgets:
+            if b < len(curve) and np.isfinite(curve[b]).any():
+                headline[f"acc_ep{b}_mean"] = float(np.nanmean(curve[b]))
+                headline[f"acc_ep{b}_std"] = float(np.nanstd(curve[b]))
+        metrics += [Metric(k, v, now, 0) for k, v in headline.items()]
         self.client.log_batch(run.info.run_id, metrics=metrics, params=params)
+        if headline:
+            self.client.log_batch(self.parent, metrics=[Metric(f"{job.setting}/{job.name}/{k}", v, now, 0)
+                                                        for k, v in headline.items()])
         self.run_ids[job.key] = run.info.run_id
 
     def novelty(self, key: str, when: str, summary: dict) -> None:
@@ -404,7 +415,8 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
     if cfg.mlflow.enabled:
         tracker = _Tracker(_tracking_uri(cfg, out, tracking_uri), cfg.mlflow.experiment, parent_run_id,
                            {"zoo": str(zoo_dir), "arch": arch, "num_models": cfg.num_models, "budgets": budgets,
-                            "methods": cfg.methods, "transfer": cfg.transfer.methods if cfg.transfer else []})
+                            "methods": cfg.methods, "transfer": cfg.transfer.methods if cfg.transfer else []},
+                           budgets)
 
     def on_result(job: finetune.Job, res: dict) -> None:
         if tracker is not None:
