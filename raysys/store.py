@@ -51,6 +51,7 @@ from raysys.train import METRICS
 
 if TYPE_CHECKING:
     import pandas
+    import torch
 
 META = "__raysys__"  # every file of a zoo that is not data: skipped by Arrow, pandas, Ray Data and HF datasets
 MANIFEST = f"{META}/manifest.json"  # relative to the zoo directory
@@ -358,6 +359,45 @@ class Zoo:
         if not w.flags.writeable:  # a view of Arrow's buffer: callers may normalise in place
             w = w.copy()
         return w, t.drop_columns(["weights"]).to_pandas()
+    # --- the Python API (issue 13, item 4): one model as a torch module, the zoo as a Ray Dataset ------------
+
+    def model(self, model_id: int, epoch: int) -> "torch.nn.Module":
+        """Model ``model_id`` after ``epoch`` as a ``torch.nn.Module`` in eval mode: the zoo's architecture
+        (:func:`raysys.architectures.build` with the model's activation and dropout) holding its stored weights.
+
+        Evaluated on :meth:`dataset`, it gives the stored ``test_acc`` of that row (:func:`raysys.train.evaluate`).
+        """
+        import torch
+
+        from raysys import architectures
+
+        self.table(["model_id"], epochs=[epoch])  # the readable-zoo checks (complete, has shards)
+        where = [("model_id", "=", int(model_id)), ("epoch", "=", int(epoch))]
+        rows = pa.concat_tables([read_shard(f, ["weights", "activation", "dropout"], where) for f in self.shard_files()])
+        if rows.num_rows != 1:
+            raise StoreError(f"zoo {self.root} has {rows.num_rows} rows for model {model_id} at epoch {epoch}. "
+                             f"'raysys zoo info {self.root}' lists its models and epochs.")
+        layout = self.layout
+        module = architectures.build(layout.arch, rows.column("activation")[0].as_py(),
+                                     float(rows.column("dropout")[0].as_py()), layout.in_channels, layout.num_classes)
+        return architectures.unflatten(torch.from_numpy(weights_numpy(rows.column("weights")).copy()[0]),
+                                       module).eval()
+
+    def dataset(self, data_root: str | None = None):
+        """The image dataset this zoo was trained on (the same splits; checked against the manifest's digests)."""
+        from raysys.hyperrep.evaluate import zoo_dataset
+
+        return zoo_dataset(self.manifest, data_root)
+
+    def to_ray_dataset(self, columns: list[str] | None = None, **read_kwargs):
+        """The zoo as a ``ray.data.Dataset``: ``ray.data.read_parquet`` of the planned, complete shard files only
+        (never a stray file), one row per (model, epoch), ``weights`` a ``fixed_size_list<float32>[P]`` (in a numpy
+        batch an array per row: ``np.stack(batch["weights"])`` is [n, P])."""
+        import ray.data
+
+        self.table(["model_id"], epochs=[-1])  # the readable-zoo checks, without reading any data
+        return ray.data.read_parquet([str(f) for f in self.shard_files()], columns=columns, **read_kwargs)
+
 
 
 def _shard_number(path: Path) -> int:
