@@ -233,11 +233,11 @@ def _identity(zoo, options: AlignOptions, window: list[int]) -> dict:
 
 def _check_destination(dst: Path, identity: dict) -> bool:
     """True when ``dst`` holds (part of) this very aligned copy; error when it holds anything else."""
-    from raysys.store import manifest_path
+    from raysys.store import manifest_path, only_writer_files
 
     path = manifest_path(dst)
     if not path.exists():
-        if dst.exists() and any(dst.iterdir()):
+        if dst.exists() and not only_writer_files(dst):
             raise RaysysError(f"--out {dst} exists, is not empty and holds no zoo manifest. "
                               f"Choose a new --out directory (or an empty one).")
         return False
@@ -307,10 +307,8 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     with the same bytes as an uninterrupted run. Returns a summary: shards written/skipped, states
     aligned, and the mean L2 distance to the template before and after alignment.
     """
-    from raysys.integrity import _planned, check_output_dir
-    from raysys.store import (META, ZooWriter, meta_file, migrate_zoo, open_zoo, read_shard, recorded_shards,
-                              shard_file, weights_column, weights_numpy)
-    from raysys.zoo import _clean_partial_files
+    from raysys.integrity import check_output_dir
+    from raysys.store import WriterLock
 
     t0 = time.time()
     options = validate(AlignOptions, {"template_epochs": template_epochs, "rounds": rounds}, "zoo align options")
@@ -319,10 +317,21 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     if dst == src:
         raise RaysysError(f"--out {dst} is the source zoo itself. Write the aligned copy to a new directory.")
     zoo = _open_source(src)
-    layout = zoo.layout
     window = _template_window(zoo, options)
     identity = _identity(zoo, options, window)
-    resuming = _check_destination(dst, identity)
+    _check_destination(dst, identity)
+    with WriterLock(dst, "raysys zoo align"):
+        return _align_zoo(zoo, src, dst, options, window, identity, progress, t0)
+
+
+def _align_zoo(zoo, src: Path, dst: Path, options: AlignOptions, window: list[int], identity: dict, progress: bool,
+               t0: float) -> dict:
+    from raysys.integrity import _planned
+    from raysys.store import (META, ZooWriter, clean_temp_files, meta_file, migrate_zoo, open_zoo, quarantine_strays,
+                              read_shard, recorded_shards, shard_file, weights_column, weights_numpy)
+
+    layout = zoo.layout
+    resuming = _check_destination(dst, identity)  # again, now that no other writer can change it
 
     writer = ZooWriter(dst)
     if resuming:  # an aligned copy of the first layout: converted before anything is added to it
@@ -351,8 +360,10 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
     aligned = {"source": str(src), **identity, "template_file": f"{META}/{TEMPLATE_FILE}",
                "method": "weight matching of hidden units (function-preserving permutations)"}
     manifest.update(name=f"{zoo.manifest.get('name', src.name)}-aligned", status="running", shards=plan, aligned=aligned)
+    if resuming:  # strays and shards that do not match their records go to the quarantine, never into the copy
+        quarantine_strays(dst, [int(s["shard"]) for s in plan])
     writer.write_manifest(manifest)
-    _clean_partial_files(dst)
+    clean_temp_files(dst)
     if new_template:
         _save_template(template_path, template, {"source": str(src), **identity})
 

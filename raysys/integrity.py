@@ -100,8 +100,8 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
     """Check every planned shard of a zoo against its record, the manifest and the plan."""
     import pyarrow.parquet as pq
 
-    from raysys.store import (META, MANIFEST, SHARDS, is_legacy, open_zoo, read_shard, sha256_file, shard_file,
-                              shard_record)
+    from raysys.store import (META, MANIFEST, QUARANTINE, SHARDS, is_legacy, open_zoo, quarantined_files, read_shard,
+                              sha256_file, shard_file, shard_record)
 
     root = Path(root)
     if not root.is_dir():
@@ -203,7 +203,12 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
             report.problems.append(Problem("unplanned", path.name, "is not in the manifest's shard plan (from another "
                                                                   "zoo?); move it away"))
     for path in sorted([*shard_dir.glob(".*.tmp"), *(root / META).glob(".*.tmp")]):
-        report.warnings.append(Problem("leftover", path.name, "temporary file of a killed run (generate removes it)"))
+        report.warnings.append(Problem("leftover", path.name, "temporary file of a killed run (generate removes it "
+                                                              "once its writer is gone)"))
+    for path in quarantined_files(root):
+        report.warnings.append(Problem("quarantined", f"{QUARANTINE}/{path.name}",
+                                       "moved aside by a writer (unplanned, or not matching its record): not part "
+                                       "of the zoo; inspect it, then delete it"))
     if is_legacy(root):
         report.warnings.append(Problem("layout", root.name, "has files of the first zoo layout (manifest.json, "
                                                            "shards/shard-N.json): still readable; 'raysys zoo "

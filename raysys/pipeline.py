@@ -39,6 +39,7 @@ from raysys.tracking import mask_uri
 
 STAGE_FILE = "stage.json"
 TRACKING_FILE = "tracking.json"  # the MLflow URI of the run into DIR, for reruns
+LOCK_FILE = ".lock"  # while a pipeline runs into DIR: one pipeline per output directory (raysys.store.WriterLock)
 EXPERIMENTS = {"zoo": "raysys-zoo", "hyperrep": "raysys-hyperrep", "populations": "raysys-populations",
                "pipeline": "raysys-pipeline"}
 
@@ -67,8 +68,11 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
     """Run (or resume) every stage into ``out_dir``; returns the report dict (also DIR/report.json)."""
     from raysys import populations, zoo
 
+    from raysys.store import WriterLock
+
     stages = stage_configs(config, config_dir)
-    with output_dir(out_dir) as out, ray_session(config.ray_address) as start_ray:
+    with output_dir(out_dir) as out, ray_session(config.ray_address) as start_ray, \
+            WriterLock(out, "raysys pipeline", path=out / LOCK_FILE):
         uri = tracking_uri(config, out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / TRACKING_FILE, {"tracking_uri": uri})

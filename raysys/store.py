@@ -6,6 +6,11 @@ Layout of a zoo directory::
     __raysys__/manifest.json         architecture layout, dataset record, config, version, shard plan
     __raysys__/shard-00007.json      completion record of shard 7: rows, model ids, sha256 of its Parquet file
     __raysys__/summary.png           accuracy over epochs (aligned copies: also template.safetensors)
+    __raysys__/plan.json             the manifest as first written, without status and checksums (its repair copy)
+    __raysys__/lock                  while a writer (zoo generate, zoo align) works here: its pid, host, token
+    __raysys__/quarantine/           files a writer found there that were not the zoo's (unplanned, or not
+                                     matching their record), renamed ``NAME.quarantined-STAMP`` (no ``.parquet``
+                                     suffix, so that no ``**/*.parquet`` glob reads them)
 
 The directory itself is the dataset: ``pd.read_parquet(ZOO)``, ``pyarrow.dataset.dataset(ZOO)``,
 ``ray.data.read_parquet(ZOO)``, DuckDB's ``read_parquet('ZOO/**/*.parquet')`` and
@@ -22,7 +27,15 @@ Every data page carries a CRC32 checksum (Parquet's page checksums), verified on
 rot inside a shard is an error, not silently changed weights.
 
 Readers read exactly the shards of the manifest's plan (a stray or left-over shard file is not data),
-and refuse a zoo whose manifest says it is still being written, unless asked for partial data.
+and refuse a zoo whose manifest says it is still being written, unless asked for partial data. A writer
+moves such strays to ``__raysys__/quarantine/`` (:func:`quarantine_strays`) before it writes.
+
+One writer per directory: :class:`WriterLock` (``__raysys__/lock``, created with ``O_CREAT | O_EXCL``)
+names its owner (pid, host, start time, a random token); the owner refreshes its mtime every
+``LOCK_HEARTBEAT_S``. A second writer is refused with the owner's name, unless the lock is stale: its
+pid is dead (same host), or its mtime is older than ``LOCK_STALE_S`` (another host). Temporary files
+carry their owner (``.NAME.<host>-<pid>-<random>.tmp``), so start-up cleanup removes only those of
+dead owners (:func:`clean_temp_files`).
 
 Zoos of the first layout (``manifest.json`` at the top, records ``shards/shard-00007.json`` beside
 their Parquet files, weights as an Arrow ``fixed_shape_tensor``) are still read as they are;
@@ -35,6 +48,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +75,7 @@ SHARDS = "shards"
 LAYOUT_KEY = "raysys.layout"  # Parquet schema metadata: {"layout", "num_params", "raysys_version"}
 # The first layout (raysys 0.1.0 before the zoo folder became a plain Parquet dataset): read, and migrated.
 LEGACY_MANIFEST = "manifest.json"
+PLAN = f"{META}/plan.json"  # the manifest without status and checksums: what 'zoo verify --repair' rebuilds from
 SUMMARY_PLOT = "summary.png"  # in META: accuracy over epochs (raysys zoo generate)
 LEGACY_META_FILES = (SUMMARY_PLOT, "template.safetensors", "stage.json")  # at the top of an old zoo
 HYPERPARAMETERS = {
@@ -88,8 +105,67 @@ def schema(num_params: int) -> pa.Schema:
     return pa.schema(fields)
 
 
+def _host_tag() -> str:
+    """This host, as it appears in temporary file names: 8 hex digits of its name's sha1."""
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]  # noqa: S324 - a name, not security
+
+
+def temp_path(path: Path) -> Path:
+    """A temporary name beside ``path`` that names its owner: ``.NAME.<host>-<pid>-<random>.tmp``."""
+    return path.with_name(f".{path.name}.{_host_tag()}-{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (a process of another user counts as alive)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _temp_owner(path: Path) -> tuple[str, int] | None:
+    """(host tag, pid) of a temporary file named by :func:`temp_path`; None for another name."""
+    parts = path.name[:-len(".tmp")].rsplit(".", 1)
+    fields = parts[-1].split("-") if len(parts) == 2 else []
+    if len(fields) == 3 and len(fields[0]) == 8 and fields[1].isdigit():
+        return fields[0], int(fields[1])
+    return None
+
+
+def clean_temp_files(root: str | Path, dirs: Iterable[str] = (SHARDS, META), stale_s: float | None = None,
+                     mine: bool = False) -> list[Path]:
+    """Remove the temporary files (``.*.tmp``) in ``root``'s ``dirs`` whose owner is dead; returns them.
+
+    Owner on this host: its pid is gone. Owner on another host (a Ray Train worker on another node):
+    the file is older than ``stale_s`` (default :data:`LOCK_STALE_S`). A name without an owner was
+    written by a raysys from before owners were named, which no live writer of this version is.
+    ``mine``: also this process's own (a caller that is the only writer in this process, between writes).
+    """
+    stale_s = LOCK_STALE_S if stale_s is None else stale_s
+    removed, host = [], _host_tag()
+    for d in dirs:
+        for p in sorted((Path(root) / d).glob(".*.tmp")):
+            owner = _temp_owner(p)
+            try:
+                if owner is not None:
+                    if owner[0] == host and pid_alive(owner[1]) and not (mine and owner[1] == os.getpid()):
+                        continue
+                    if owner[0] != host and time.time() - p.stat().st_mtime < stale_s:
+                        continue
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -112,6 +188,247 @@ def jsonable(obj):
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False).encode())
+
+
+# --- one writer per directory ------------------------------------------------------------------
+
+LOCK = f"{META}/lock"
+LOCK_HEARTBEAT_S = 30.0  # the owner touches its lock this often
+LOCK_STALE_S = 300.0  # a lock (or temp file) of another host untouched this long belongs to a dead writer
+
+
+def _proc_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, /proc/PID/stat field 22): a pid reused
+    by another process has another one. None where /proc is not there."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class WriterLock:
+    """``path`` (default ``root/__raysys__/lock``) held by one writer: a JSON file created with
+    ``O_CREAT | O_EXCL`` holding pid, host, start time and a random token; its mtime is refreshed every
+    ``heartbeat_s`` by a daemon thread. A use as a context manager acquires and releases it.
+
+    A lock is stale (taken over, with a printed note) when its owner is on this host and its pid is gone
+    (or now names another process), or on another host and the lock is older than ``stale_s``.
+    Otherwise :meth:`acquire` raises a :class:`StoreError` naming the owner and what to do.
+    """
+
+    def __init__(self, root: str | Path, command: str, path: str | Path | None = None,
+                 heartbeat_s: float = LOCK_HEARTBEAT_S, stale_s: float = LOCK_STALE_S):
+        self.root = Path(root)
+        self.path = Path(path) if path is not None else self.root / LOCK
+        self.command, self.heartbeat_s, self.stale_s = command, heartbeat_s, stale_s
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._created: list[Path] = []  # directories this lock created, removed again if left empty
+
+    def _info(self) -> dict:
+        pid = os.getpid()
+        return {"pid": pid, "host": socket.gethostname(), "proc_start": _proc_start(pid), "command": self.command,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "token": self.token}
+
+    def _stale(self, owner: dict | None, mtime: float) -> str | None:
+        """Why the lock held by ``owner`` is stale, or None when its owner may be alive."""
+        if owner is None:  # unreadable: a writer died between creating and filling it, or it was damaged
+            return "unreadable" if time.time() - mtime > 5 else None
+        pid = owner.get("pid")
+        if owner.get("host") == socket.gethostname() and isinstance(pid, int):
+            if not pid_alive(pid):
+                return f"its process {pid} is no longer running"
+            start = owner.get("proc_start")
+            if start is not None and _proc_start(pid) not in (None, start):
+                return f"its pid {pid} now belongs to another process"
+            return None
+        age = time.time() - mtime
+        if age > self.stale_s:
+            return f"not refreshed for {age:.0f} s (more than {self.stale_s:.0f} s)"
+        return None
+
+    def _read(self) -> tuple[dict | None, float] | None:
+        try:
+            raw, mtime = self.path.read_bytes(), self.path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        try:
+            owner = json.loads(raw)
+        except ValueError:
+            owner = None
+        return (owner if isinstance(owner, dict) else None), mtime
+
+    def acquire(self) -> "WriterLock":
+        for d in reversed([self.path.parent, *self.path.parent.parents]):
+            if not d.exists():
+                d.mkdir()
+                self._created.append(d)
+        data = json.dumps(self._info(), indent=2).encode()
+        for _ in range(5):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                found = self._read()
+                if found is None:
+                    continue  # released meanwhile
+                owner, mtime = found
+                why = self._stale(owner, mtime)
+                if why is None:
+                    self._release_dirs()
+                    o = owner or {}
+                    raise StoreError(
+                        f"{self.root} is being written by another process: {o.get('command', 'a raysys writer')} "
+                        f"(pid {o.get('pid')}@{o.get('host')}, since {o.get('since')}; lock {self.path}). Wait for it "
+                        f"to finish, or stop it and rerun; if that process is gone and its host cannot say so, "
+                        f"delete {self.path} (a lock of another host is taken over after {self.stale_s:.0f} s "
+                        f"without its heartbeat).") from None
+                self._take_over(owner, why)
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            self._thread = threading.Thread(target=self._beat, daemon=True, name="raysys-lock-heartbeat")
+            self._thread.start()
+            return self
+        raise StoreError(f"could not take the lock {self.path}: other writers keep taking it. Rerun.")
+
+    def _take_over(self, owner: dict | None, why: str) -> None:
+        """Move the stale lock away, unless another process took it over first (then its new lock stays)."""
+        aside = self.path.with_name(f".{self.path.name}.{self.token}.stale")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = self._read_file(aside)
+        if owner is not None and (moved or {}).get("token") != owner.get("token"):
+            try:  # we moved a fresh lock of another process: put it back
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            aside.unlink(missing_ok=True)
+            return
+        aside.unlink(missing_ok=True)
+        o = owner or {}
+        print(f"raysys: note: took over the stale lock {self.path} of pid {o.get('pid')}@{o.get('host')} "
+              f"(since {o.get('since')}): {why}", flush=True)
+
+    @staticmethod
+    def _read_file(path: Path) -> dict | None:
+        try:
+            d = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        return d if isinstance(d, dict) else None
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if (self._read_file(self.path) or {}).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        self._release_dirs()
+
+    def _release_dirs(self) -> None:
+        for d in reversed(self._created):
+            try:
+                d.rmdir()  # only when empty: nothing was written after all
+            except OSError:
+                break
+        self._created = []
+
+    def __enter__(self) -> "WriterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False
+
+
+# --- quarantine ----------------------------------------------------------------------------------
+
+QUARANTINE = f"{META}/quarantine"
+
+
+def only_writer_files(root: str | Path) -> bool:
+    """Whether directory ``root`` holds nothing but what a writer leaves before its manifest: Ray Train's
+    ``.ray_train``, and a ``__raysys__/`` of the lock, temporary files and the quarantine."""
+    root = Path(root)
+    for p in root.iterdir() if root.is_dir() else ():
+        if p.name == ".ray_train":
+            continue
+        if p.name == META and p.is_dir() and all(q.name in ("lock", "quarantine") or q.name.startswith(".")
+                                                 for q in p.iterdir()):
+            continue
+        return False
+    return True
+
+
+def quarantine(root: str | Path, path: Path, why: str) -> Path:
+    """Move ``path`` to ``root/__raysys__/quarantine/NAME.quarantined-STAMP`` and print a line naming it."""
+    qdir = Path(root) / QUARANTINE
+    qdir.mkdir(parents=True, exist_ok=True)
+    dest = qdir / f"{path.name}.quarantined-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    os.replace(path, dest)
+    print(f"raysys: quarantined {path} -> {dest.relative_to(Path(root))}: {why}", flush=True)
+    return dest
+
+
+def quarantined_files(root: str | Path) -> list[Path]:
+    qdir = Path(root) / QUARANTINE
+    return sorted(p for p in qdir.iterdir() if p.is_file()) if qdir.is_dir() else []
+
+
+def quarantine_strays(root: str | Path, planned: Iterable[int], bad: dict[int, str] | Iterable[int] = ()) -> list[Path]:
+    """Move every file of zoo ``root`` that is not the zoo's to the quarantine; returns where they went.
+
+    Strays: a Parquet file under ``shards/`` or a completion record that is not in the plan ``planned``;
+    a planned shard whose record does not match its file (size or sha256), and the shards ``bad`` (rows
+    that verify flags): both the file and its record. A planned file without a record (a run died
+    between the two renames) is left: it is not data, and the writer overwrites it. ``bad`` may map each
+    shard to why it is bad.
+    """
+    root, planned = Path(root), {int(s) for s in planned}
+    moved = []
+    for path in sorted((root / SHARDS).glob("*.parquet")):
+        sid = _shard_number(path) if path.name.startswith("shard-") else -1
+        if sid not in planned:
+            moved.append(quarantine(root, path, "not in the manifest's shard plan"))
+    for path in sorted([*(root / META).glob("shard-*.json"), *(root / SHARDS).glob("shard-*.json")]):
+        if _shard_number(path) not in planned:
+            moved.append(quarantine(root, path, "the record of a shard not in the manifest's shard plan"))
+    bad = {int(k): v for k, v in bad.items()} if isinstance(bad, dict) else {int(s): "" for s in bad}
+    for sid in sorted(planned):
+        path = shard_file(root, sid)
+        rec_path, rec = shard_record(root, sid)
+        if rec_path is None:
+            continue
+        if rec is None:
+            why = "is not a valid completion record"
+        elif not path.exists():
+            moved.append(quarantine(root, rec_path, f"the record of {path.name}, which is absent"))
+            continue
+        elif rec.get("bytes") is not None and path.stat().st_size != rec.get("bytes"):
+            why = f"{path.stat().st_size} bytes, its record says {rec.get('bytes')}"
+        elif rec.get("sha256") != sha256_file(path):
+            why = "its sha256 does not match its record"
+        elif sid in bad:
+            why = bad[sid] or "its rows are not the shard's planned rows ('raysys zoo verify' lists them)"
+        else:
+            continue
+        if path.exists():
+            moved.append(quarantine(root, path, why))
+        moved.append(quarantine(root, rec_path, f"the record of the quarantined {path.name}"))
+    return moved
 
 
 def sha256_file(path: Path) -> str:
@@ -223,7 +540,15 @@ class ZooWriter:
             migrate_zoo(self.root)
         (self.root / META).mkdir(parents=True, exist_ok=True)
         (self.root / SHARDS).mkdir(exist_ok=True)
-        atomic_write_json(self.root / MANIFEST, {"raysys_version": __version__, **manifest})
+        manifest = {"raysys_version": __version__, **manifest}
+        plan = plan_of(manifest)
+        try:
+            same = json.loads((self.root / PLAN).read_text()) == plan
+        except (OSError, ValueError):
+            same = False
+        if not same:  # first: a manifest is never without its repair copy
+            atomic_write_json(self.root / PLAN, plan)
+        atomic_write_json(self.root / MANIFEST, manifest)
         self._layout = manifest.get("layout")
 
     def shard_path(self, shard: int) -> Path:
@@ -254,6 +579,15 @@ class ZooWriter:
         return rec.get("sha256") == sha256_file(path)
 
 
+def plan_of(manifest: dict) -> dict:
+    """What ``__raysys__/plan.json`` keeps of a manifest: all of it but its status and the shards' checksums."""
+    out = {k: v for k, v in manifest.items() if k != "status"}
+    if isinstance(out.get("shards"), list):
+        out["shards"] = [{k: v for k, v in s.items() if k not in ("sha256", "rows")} if isinstance(s, dict) else s
+                         for s in out["shards"]]
+    return out
+
+
 def layout_metadata(layout: dict | None, num_params: int) -> dict:
     """The Parquet schema metadata of a shard: ``raysys.layout`` -> JSON of layout, num_params, version."""
     return {LAYOUT_KEY: json.dumps({"layout": layout, "num_params": int(num_params), "raysys_version": __version__},
@@ -282,7 +616,7 @@ def _stage_shard_file(root: Path, shard: int, table: pa.Table, model_ids: Iterab
     table = _plain_weights(table)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                            **{k.encode(): v.encode() for k, v in metadata.items()}})
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = temp_path(path)
     pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
@@ -359,6 +693,7 @@ class Zoo:
         if not w.flags.writeable:  # a view of Arrow's buffer: callers may normalise in place
             w = w.copy()
         return w, t.drop_columns(["weights"]).to_pandas()
+
     # --- the Python API (issue 13, item 4): one model as a torch module, the zoo as a Ray Dataset ------------
 
     def model(self, model_id: int, epoch: int) -> "torch.nn.Module":
@@ -397,7 +732,6 @@ class Zoo:
 
         self.table(["model_id"], epochs=[-1])  # the readable-zoo checks, without reading any data
         return ray.data.read_parquet([str(f) for f in self.shard_files()], columns=columns, **read_kwargs)
-
 
 
 def _shard_number(path: Path) -> int:
@@ -505,8 +839,7 @@ def migrate_zoo(root: str | Path, out: str | Path | None = None) -> dict:
     (dst / META).mkdir(parents=True, exist_ok=True)
     (dst / SHARDS).mkdir(exist_ok=True)
     if in_place:  # temporary files of a migration (or a run) that was killed
-        for tmp in [*(root / SHARDS).glob(".*.tmp"), *(root / META).glob(".*.tmp")]:
-            tmp.unlink(missing_ok=True)
+        clean_temp_files(root, mine=True)
     layout = manifest.get("layout")
     records = {}
     for sid in recorded_shards(root):
@@ -558,7 +891,10 @@ def migrate_zoo(root: str | Path, out: str | Path | None = None) -> dict:
 
 
 def _cmd_migrate(args) -> int:
-    summary = migrate_zoo(args.dir, args.out)
+    if not Path(args.dir).is_dir():
+        raise StoreError(f"{args.dir} is not a directory. Pass a zoo directory.")
+    with WriterLock(args.dir, "raysys zoo migrate"):
+        summary = migrate_zoo(args.dir, args.out)
     print(f"raysys zoo migrate: {summary['out']}: {summary['converted']} shards converted, {summary['already']} "
           f"already in the current layout" + (f", shards {summary['skipped']} skipped (incomplete: rerun "
                                                f"'raysys zoo generate' to redo them)" if summary["skipped"] else ""))

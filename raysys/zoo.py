@@ -27,8 +27,9 @@ from pydantic import Field, field_validator, model_validator
 
 from raysys import __version__, architectures
 from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
-from raysys.store import (META, SHARDS, SUMMARY_PLOT, ZooWriter, atomic_write_bytes, manifest_path, open_zoo, rows_table,
-                          shard_record, splits_for)
+from raysys.store import (META, SUMMARY_PLOT, WriterLock, ZooWriter, atomic_write_bytes, clean_temp_files,
+                          manifest_path, only_writer_files, open_zoo, quarantine_strays, rows_table, shard_record,
+                          splits_for)
 from raysys.train import ModelSpec
 
 # --- config ---------------------------------------------------------------------------------
@@ -385,7 +386,7 @@ def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
     """True when out_dir already holds this zoo (resume); error when it holds another one."""
     path = manifest_path(out_dir)
     if not path.exists():
-        if out_dir.exists() and any(p.name != ".ray_train" for p in out_dir.iterdir()):
+        if out_dir.exists() and not only_writer_files(out_dir):
             raise RaysysError(f"{out_dir} exists, is not empty and holds no zoo manifest. "
                               f"Choose a new --out directory (or an empty one).")
         return False
@@ -408,12 +409,23 @@ def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
 
 
 def _clean_partial_files(out_dir: Path) -> int:
-    """Remove temporary files left by a killed run (complete shards are never temporary)."""
-    n = 0
-    for p in [*(out_dir / SHARDS).glob(".*.tmp"), *(out_dir / META).glob(".*.tmp")]:
-        p.unlink(missing_ok=True)
-        n += 1
-    return n
+    """Remove temporary files left by a killed run (complete shards are never temporary): only those whose
+    owner is dead (:func:`raysys.store.clean_temp_files`)."""
+    return len(clean_temp_files(out_dir))
+
+
+def _pending(out_dir: Path, shards: list[Shard], resuming: bool) -> tuple[list[Shard], dict[int, str]]:
+    """(shards to train, {shard: why} of those 'zoo verify' flags, even when their bytes match their record).
+    Reads only."""
+    bad: dict[int, str] = {}
+    if resuming:  # a shard whose rows are wrong is redone even when its bytes match its record
+        from raysys.integrity import verify_zoo
+
+        for p in verify_zoo(out_dir, checksums=False).problems:
+            if p.shard is not None:
+                bad.setdefault(p.shard, f"{p.kind}: {p.detail}")
+    writer = ZooWriter(out_dir)
+    return [s for s in shards if s.shard in bad or not writer.is_complete(s.shard)], bad
 
 
 def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: list[str] | None = None,
@@ -443,24 +455,21 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
     splits = splits_for(len(specs), config.split_seed)
     resuming = _check_resume(out_dir, config)
     data = datasets.load(config.dataset.name, config.dataset.root, **config.dataset.options)
-    writer = ZooWriter(out_dir)
-    if resuming:  # a shard whose rows are wrong is redone even when its bytes match its record
-        from raysys.integrity import verify_zoo
-
-        for sid in verify_zoo(out_dir, checksums=False).bad_shards:
-            rec, _ = shard_record(out_dir, sid)
-            if rec is not None:
-                rec.unlink(missing_ok=True)
-    pending = [s for s in shards if not writer.is_complete(s.shard)]
-
-    started_ray = runtime.init_ray(config.ray_address) if pending else False
+    started_ray = False
     try:
-        if pending:
-            config = _resolve_workers(config)
-            _check_resources(config, local=started_ray and runtime.resolve_address(config.ray_address) == runtime.LOCAL)
-        writer.write_manifest(_manifest(config, data, shards, splits, "running"))
-        _clean_partial_files(out_dir)
-        return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress)
+        with WriterLock(out_dir, "raysys zoo generate"):
+            # again, now that no other writer can change the directory under us
+            resuming = _check_resume(out_dir, config)
+            pending, bad = _pending(out_dir, shards, resuming)
+            if resuming:  # strays and shards that do not match their records go to the quarantine, not into the zoo
+                quarantine_strays(out_dir, [s.shard for s in shards], bad)
+            if pending:
+                started_ray = runtime.init_ray(config.ray_address)
+                config = _resolve_workers(config)
+                _check_resources(config, local=started_ray and runtime.resolve_address(config.ray_address) == runtime.LOCAL)
+            ZooWriter(out_dir).write_manifest(_manifest(config, data, shards, splits, "running"))
+            _clean_partial_files(out_dir)
+            return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress)
     finally:
         if started_ray:
             ray.shutdown()

@@ -296,3 +296,20 @@ def test_runtime_env_keeps_data_out_of_the_upload():
     for pattern in (".git", "mlflow.db", "ray_results/", "runs/", "*.parquet", "*.safetensors"):
         assert pattern in env["excludes"]
     assert "pip" not in env  # nodes have the dependencies (cluster.yaml); a per-job pip env reinstalls torch
+
+
+def test_a_second_pipeline_into_the_same_directory_is_refused(tmp_path):
+    """One pipeline per output directory: a live owner's lock (here this very process's) is never taken over."""
+    import os
+    import socket
+
+    from raysys.config import RaysysError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / pipeline.LOCK_FILE).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                      "since": "2026-12-02T00:00:00Z", "command": "raysys pipeline"}))
+    with pytest.raises(RaysysError, match=rf"{out} is being written by another process: raysys pipeline "
+                                          rf"\(pid {os.getpid()}@"):
+        pipeline.run_pipeline(tiny(), out, config_dir=TINY.parent, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [pipeline.LOCK_FILE]  # nothing else was written
