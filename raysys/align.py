@@ -208,8 +208,9 @@ def _open_source(src: Path):
                           f"permuted one layer at a time. 'raysys zoo align' works for tetris_ffn, cnn_s and cnn_m zoos.")
     report = verify_zoo(src)
     if not report.ok:
+        first = report.problems[0]
         raise RaysysError(f"zoo {src} is not intact ({len(report.problems)} problem(s) in shards "
-                          f"{report.bad_shards or '-'}). Run 'raysys zoo verify {src}' and repair it with "
+                          f"{report.bad_shards or '-'}, e.g. {first.kind.upper()} {first.where}: {first.detail}). Run 'raysys zoo verify {src}' and repair it with "
                           f"'raysys zoo generate CONFIG --out {src}' before aligning it.")
     return zoo
 
@@ -233,7 +234,7 @@ def _identity(zoo, options: AlignOptions, window: list[int]) -> dict:
 
 def _check_destination(dst: Path, identity: dict) -> bool:
     """True when ``dst`` holds (part of) this very aligned copy; error when it holds anything else."""
-    from raysys.store import manifest_path, only_writer_files
+    from raysys.store import damaged_manifest, manifest_path, manifest_problem, only_writer_files
 
     path = manifest_path(dst)
     if not path.exists():
@@ -241,6 +242,9 @@ def _check_destination(dst: Path, identity: dict) -> bool:
             raise RaysysError(f"--out {dst} exists, is not empty and holds no zoo manifest. "
                               f"Choose a new --out directory (or an empty one).")
         return False
+    why = manifest_problem(dst)
+    if why is not None:
+        raise RaysysError(damaged_manifest(dst, why))
     try:
         old = json.loads(path.read_text()).get("aligned")
     except ValueError:

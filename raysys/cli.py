@@ -80,6 +80,9 @@ def _zoo(subparsers) -> None:
     v = _command(sub, "verify", "raysys.integrity:_cmd_verify", "check a zoo's shards against checksums, plan and rows")
     v.add_argument("dir", help="zoo directory")
     v.add_argument("--no-checksums", action="store_true", help="skip the sha256 pass (sizes, schema and rows only)")
+    v.add_argument("--repair", action="store_true",
+                   help="first rebuild a damaged (truncated, unreadable) manifest from __raysys__/plan.json and the "
+                        "shard records that match their files; the damaged one goes to __raysys__/quarantine/")
 
     m = _command(sub, "migrate", "raysys.store:_cmd_migrate",
                  "convert a zoo of the first layout (manifest.json, fixed_shape_tensor weights) to a plain Parquet dataset",

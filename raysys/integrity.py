@@ -266,6 +266,20 @@ def check_schema(zoo) -> None:
 
 
 def _cmd_verify(args) -> int:
+    if getattr(args, "repair", False):
+        from raysys.store import MANIFEST, PLAN, repair_manifest
+
+        if not Path(args.dir).is_dir():
+            raise RaysysError(f"{args.dir} is not a directory. Pass the zoo directory written by "
+                              f"'raysys zoo generate CONFIG --out DIR'.")
+        r = repair_manifest(args.dir)
+        if not r["rebuilt"]:
+            print(f"raysys zoo verify: {Path(args.dir) / MANIFEST} is readable; nothing to rebuild")
+        else:
+            left = (f"; shards {r['left_out']} do not match their records and are left out (status "
+                    f"'{r['status']}': rerun the command that wrote the zoo to rewrite them)" if r["left_out"] else "")
+            print(f"raysys zoo verify: rebuilt {Path(args.dir) / MANIFEST} ({r['why']}) from {PLAN} and "
+                  f"{r['verified']}/{r['planned']} verified shard records{left}")
     report = verify_zoo(args.dir, checksums=not args.no_checksums)
     print(report.format())
     return 0 if report.ok else 1

@@ -580,8 +580,9 @@ class ZooWriter:
 
 
 def plan_of(manifest: dict) -> dict:
-    """What ``__raysys__/plan.json`` keeps of a manifest: all of it but its status and the shards' checksums."""
-    out = {k: v for k, v in manifest.items() if k != "status"}
+    """What ``__raysys__/plan.json`` keeps of a manifest: all of it but its status (``"planned"``, in its place,
+    so that a rebuilt manifest has the original's bytes) and the shards' checksums."""
+    out = {k: ("planned" if k == "status" else v) for k, v in manifest.items()}
     if isinstance(out.get("shards"), list):
         out["shards"] = [{k: v for k, v in s.items() if k not in ("sha256", "rows")} if isinstance(s, dict) else s
                          for s in out["shards"]]
@@ -660,6 +661,13 @@ class Zoo:
                 files.append(path)
         return files
 
+    def repair_command(self) -> str:
+        """How to rewrite this zoo's bad shards: the command that wrote it, rerun."""
+        aligned = self.manifest.get("aligned")
+        if isinstance(aligned, dict):
+            return f"rerun 'raysys zoo align {aligned.get('source', 'SRC')} --out {self.root}' with the same options"
+        return f"rerun 'raysys zoo generate CONFIG --out {self.root}' with the zoo's config"
+
     def table(self, columns: list[str] | None = None, epochs: Iterable[int] | None = None,
               splits: Iterable[str] | None = None) -> pa.Table:
         status = self.manifest.get("status", "complete")
@@ -669,6 +677,14 @@ class Zoo:
                              f"Let 'raysys zoo generate' finish, or rerun the same command to resume it; "
                              f"open_zoo(..., partial=True) reads the shards written so far.")
         files = self.shard_files()
+        if status == "complete":  # a complete zoo with a planned shard gone is damaged, never silently smaller
+            have = {_shard_number(f) for f in files}
+            lost = [int(s["shard"]) for s in self.manifest.get("shards", []) if int(s["shard"]) not in have]
+            if lost:
+                raise StoreError(f"zoo {self.root} is damaged: planned shard(s) {lost} have no Parquet file with a "
+                                 f"matching completion record ({record_file(self.root, lost[0])} and "
+                                 f"{shard_file(self.root, lost[0])}). Run 'raysys zoo verify {self.root}' to see what "
+                                 f"is wrong, then {self.repair_command()} to rewrite them.")
         if not files:
             raise StoreError(f"zoo {self.root} has no complete shards. Generate it with "
                              f"'raysys zoo generate CONFIG --out {self.root}'.")
@@ -748,8 +764,9 @@ def read_shard(path: Path, columns=None, filters=None) -> pa.Table:
         table = pq.read_table(path, columns=columns, filters=filters, page_checksum_verification=True)
     except (OSError, pa.ArrowException) as err:
         raise StoreError(f"shard {path} is corrupt ({type(err).__name__}: {err}). 'raysys zoo verify "
-                         f"{path.parent.parent}' lists the damaged shards; delete them and rerun 'raysys zoo "
-                         f"generate' with the same config and --out to write them again.") from None
+                         f"{path.parent.parent}' lists the damaged shards; rerun 'raysys zoo generate' with the "
+                         f"same config and --out (or 'raysys zoo align' for an aligned copy): it quarantines them "
+                         f"and writes them again.") from None
     return _plain_weights(table).replace_schema_metadata(None)
 
 
@@ -795,16 +812,110 @@ def open_zoo(root: str | Path, check: bool = True, partial: bool = False) -> Zoo
     if not path.exists():
         raise StoreError(f"{root} is not a zoo: {MANIFEST} is missing. Point at a directory written by "
                          f"'raysys zoo generate CONFIG --out DIR'.")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as err:
-        raise StoreError(f"{path} is not valid JSON ({err}); the zoo is corrupt. Regenerate it.") from None
+    manifest = read_manifest(root)
     zoo = Zoo(root, manifest, partial)
     if check:
         from raysys.integrity import check_schema  # cheap: the first shard's Parquet footer
 
+        try:
+            Layout.from_dict(manifest["layout"])
+        except Exception as err:
+            raise StoreError(damaged_manifest(root, f"it has no usable layout ({type(err).__name__}: {err})")) from None
         check_schema(zoo)
     return zoo
+
+
+def manifest_problem(root: str | Path) -> str | None:
+    """Why the manifest of the zoo in ``root`` cannot be read (None: it can, or there is none)."""
+    path = manifest_path(root)
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError is a ValueError
+        return f"it is not valid JSON ({type(err).__name__}: {err})"
+    if not isinstance(manifest, dict):
+        return f"it holds a JSON {type(manifest).__name__}, not an object"
+    shards = manifest.get("shards")
+    if shards is not None and not (isinstance(shards, list) and all(
+            isinstance(x, dict) and isinstance(x.get("shard"), int) and not isinstance(x.get("shard"), bool)
+            for x in shards)):
+        return "its shard plan ('shards') is not a list of {shard: N, ...} entries"
+    return None
+
+
+def damaged_manifest(root: str | Path, why: str) -> str:
+    """The one-line error for a damaged manifest: what is wrong, and the command that rebuilds it."""
+    root = Path(root)
+    path = manifest_path(root)
+    if read_plan(root) is not None:
+        fix = (f"Rebuild it from {PLAN} and the shard records: 'raysys zoo verify {root} --repair' (shards that "
+               f"do not match their records are left out and named).")
+    else:
+        fix = (f"There is no readable {PLAN} to rebuild it from (a zoo written by an older raysys): rerun "
+               f"'raysys zoo generate CONFIG --out {root}' with the zoo's original config; it writes a new manifest "
+               f"and keeps every shard that matches its record and the plan.")
+    return f"{path} is damaged: {why}. {fix}"
+
+
+def read_manifest(root: str | Path) -> dict:
+    """The manifest of the zoo in ``root``; a :class:`StoreError` naming the file and the fix when it is
+    missing or damaged."""
+    root = Path(root)
+    path = manifest_path(root)
+    if not path.exists():
+        raise StoreError(f"{root} is not a zoo: {MANIFEST} is missing. Point at a directory written by "
+                         f"'raysys zoo generate CONFIG --out DIR'.")
+    why = manifest_problem(root)
+    if why is not None:
+        raise StoreError(damaged_manifest(root, why))
+    return json.loads(path.read_bytes())
+
+
+def read_plan(root: str | Path) -> dict | None:
+    """``__raysys__/plan.json`` when it is there and usable (a JSON object with a shard plan and a layout)."""
+    try:
+        plan = json.loads((Path(root) / PLAN).read_bytes())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(plan, dict) and isinstance(plan.get("shards"), list) and isinstance(plan.get("layout"), dict)
+    return plan if ok and all(isinstance(x, dict) and isinstance(x.get("shard"), int) for x in plan["shards"]) else None
+
+
+def repair_manifest(root: str | Path) -> dict:
+    """Rebuild a damaged ``__raysys__/manifest.json`` from ``__raysys__/plan.json`` and the completion records
+    whose sha256 matches their Parquet file; the damaged manifest goes to the quarantine. Returns a summary:
+    ``rebuilt`` (False when the manifest was fine), ``verified`` and ``planned`` shard counts, ``left_out``.
+
+    The status is ``complete`` when every planned shard verifies (the manifest then has the bytes the writer
+    wrote), else ``running``: readers refuse it until the writer's command, rerun, rewrites the rest.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    why = manifest_problem(root) if path.exists() else "it is missing"
+    if why is None:
+        return {"rebuilt": False, "verified": None, "planned": None, "left_out": []}
+    plan = read_plan(root)
+    if plan is None:
+        raise StoreError(damaged_manifest(root, why))
+    with WriterLock(root, "raysys zoo verify --repair"):
+        shards, left_out = [], []
+        for entry in plan["shards"]:
+            sid, file = int(entry["shard"]), shard_file(root, int(entry["shard"]))
+            _, rec = shard_record(root, sid)
+            if rec is not None and file.exists() and rec.get("sha256") == sha256_file(file):
+                shards.append({**entry, "sha256": rec["sha256"], "rows": rec.get("rows")})
+            else:
+                shards.append(entry)
+                left_out.append(sid)
+        manifest = {**plan, "status": "running" if left_out else "complete", "shards": shards}
+        if "status" not in plan:
+            manifest = {"status": manifest.pop("status"), **manifest}
+        if path.exists():
+            quarantine(root, path, f"a damaged manifest ({why})")
+        atomic_write_json(path, manifest)
+    return {"rebuilt": True, "why": why, "verified": len(shards) - len(left_out), "planned": len(shards),
+            "left_out": left_out, "status": manifest["status"]}
 
 
 # --- migration from the first layout --------------------------------------------------------------

@@ -28,8 +28,8 @@ from pydantic import Field, field_validator, model_validator
 from raysys import __version__, architectures
 from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
 from raysys.store import (META, SUMMARY_PLOT, WriterLock, ZooWriter, atomic_write_bytes, clean_temp_files,
-                          manifest_path, only_writer_files, open_zoo, quarantine_strays, rows_table, shard_record,
-                          splits_for)
+                          manifest_path, manifest_problem, only_writer_files, open_zoo, quarantine, quarantine_strays,
+                          read_plan, rows_table, shard_record, splits_for)
 from raysys.train import ModelSpec
 
 # --- config ---------------------------------------------------------------------------------
@@ -390,8 +390,13 @@ def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
             raise RaysysError(f"{out_dir} exists, is not empty and holds no zoo manifest. "
                               f"Choose a new --out directory (or an empty one).")
         return False
+    damaged = manifest_problem(out_dir)
     try:
-        manifest = json.loads(path.read_text())
+        # a damaged manifest is rebuilt from this config (generate() quarantines it): the plan.json beside it,
+        # when there is one, still says which config the zoo was made with
+        manifest = read_plan(out_dir) if damaged else json.loads(path.read_text())
+        if manifest is None:
+            return True
         old = ZooConfig.model_validate(manifest["config"])
     except Exception:
         raise RaysysError(f"{path} is not a manifest written by this raysys version. "
@@ -460,6 +465,10 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
         with WriterLock(out_dir, "raysys zoo generate"):
             # again, now that no other writer can change the directory under us
             resuming = _check_resume(out_dir, config)
+            damaged = manifest_problem(out_dir)
+            if damaged:  # rebuilt from this config; the records and the rows decide which shards are kept
+                quarantine(out_dir, manifest_path(out_dir), f"a damaged manifest ({damaged}); rebuilt from the config")
+                ZooWriter(out_dir).write_manifest(_manifest(config, data, shards, splits, "running"))
             pending, bad = _pending(out_dir, shards, resuming)
             if resuming:  # strays and shards that do not match their records go to the quarantine, not into the zoo
                 quarantine_strays(out_dir, [s.shard for s in shards], bad)

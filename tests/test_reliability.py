@@ -21,8 +21,8 @@ import pytest
 from raysys import cli, datasets
 from raysys.config import RaysysError, validate
 from raysys.integrity import verify_zoo
-from raysys.store import (LOCK, MANIFEST, META, QUARANTINE, WriterLock, ZooWriter, clean_temp_files,
-                          open_zoo, quarantined_files, temp_path)
+from raysys.store import (LOCK, MANIFEST, META, PLAN, QUARANTINE, WriterLock, ZooWriter, clean_temp_files,
+                          open_zoo, quarantined_files, shard_file, temp_path)
 from raysys.zoo import ZooConfig, _manifest, expand, generate, plan_shards, splits_for, train_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -205,3 +205,139 @@ def test_start_up_cleanup_removes_only_temp_files_of_dead_owners(complete_zoo):
         live.stdin.close()
         live.wait(timeout=30)
     assert sorted(p.name for p in clean_temp_files(zoo)) == [names["live"]]  # its owner is gone now
+
+
+# --- C: a damaged manifest is rebuilt; every reader of a damaged zoo says so in one line -----------------
+
+HYPERREP = {"model": {"d_model": 16, "heads": 2, "layers": 1, "ff": 32, "latent_dim": 8, "dropout": 0.0,
+                      "projection_dim": 8},
+            "train": {"epochs": 1, "batch_size": 8, "lr": 1.0e-3, "epoch_window": [0, 1], "device": "cpu",
+                      "threads": 1}}
+
+
+def finished_zoo(out: Path, mlflow_uri: str = "sqlite:///unused.db") -> Path:
+    """A complete zoo exactly as generate leaves it (its final manifest), without MLflow or Ray."""
+    from raysys.store import shard_record
+
+    config = tiny_config(mlflow_uri)
+    trained_zoo(out, config)
+    data, specs = datasets.load("tetris"), expand(config)
+    shards, splits = plan_shards(specs, config.models_per_shard), splits_for(len(specs), config.split_seed)
+    records = {s.shard: shard_record(out, s.shard)[1] for s in shards}
+    ZooWriter(out).write_manifest(_manifest(config, data, shards, splits, "complete", records))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A finished zoo and an (untrained) autoencoder checkpoint for it, copied by each test that damages them."""
+    from raysys.hyperrep.checkpoint import save_checkpoint
+    from raysys.hyperrep.config import HyperRepConfig
+    from raysys.hyperrep.model import HyperRepresentation
+
+    root = tmp_path_factory.mktemp("pristine")
+    zoo = finished_zoo(root / "zoo")
+    model = HyperRepresentation(validate(HyperRepConfig, HYPERREP), open_zoo(zoo).layout)
+    save_checkpoint(model, root / "ckpt", {"zoo": str(zoo)})
+    return root
+
+
+def test_verify_repair_rebuilds_a_truncated_manifest_byte_for_byte(pristine, tmp_path, capsys):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(pristine / "zoo", zoo)
+    original = (zoo / MANIFEST).read_bytes()
+    assert json.loads((zoo / PLAN).read_text())["status"] == "planned"
+    (zoo / MANIFEST).write_bytes(original[: len(original) // 3])  # a torn write, a full disk, a bad copy
+    assert cli.main(["zoo", "verify", str(zoo)]) == 2
+    err = capsys.readouterr().err
+    assert f"{zoo / MANIFEST} is damaged: it is not valid JSON" in err and f"raysys zoo verify {zoo} --repair" in err
+
+    assert cli.main(["zoo", "verify", str(zoo), "--repair"]) == 0
+    out = capsys.readouterr().out
+    assert f"rebuilt {zoo / MANIFEST}" in out and "2/2 verified shard records" in out and "OK" in out
+    assert (zoo / MANIFEST).read_bytes() == original  # the bytes the writer wrote: checkpoints' zoo hashes hold
+    assert [p.name.split(".quarantined-")[0] for p in quarantined_files(zoo)] == ["manifest.json"]
+    assert len(open_zoo(zoo).frame()) == 4 * 2
+    assert cli.main(["zoo", "verify", str(zoo), "--repair"]) == 0  # nothing left to rebuild
+    assert "nothing to rebuild" in capsys.readouterr().out
+
+    # a shard that no longer matches its record is left out: the rebuilt manifest says 'running'
+    from tests.test_faults import flip_bytes
+
+    flip_bytes(shard_file(zoo, 1))
+    (zoo / MANIFEST).write_text("[]")
+    assert cli.main(["zoo", "verify", str(zoo), "--repair"]) == 1
+    out = capsys.readouterr().out
+    assert "shards [1] do not match their records" in out and "CORRUPTED" in out
+    assert json.loads((zoo / MANIFEST).read_text())["status"] == "running"
+    # without plan.json (an older zoo) the error says how else to get a manifest back
+    (zoo / MANIFEST).write_text("{")
+    (zoo / PLAN).unlink()
+    assert cli.main(["zoo", "verify", str(zoo), "--repair"]) == 2
+    assert "no readable __raysys__/plan.json" in capsys.readouterr().err
+
+
+def test_generate_rebuilds_a_damaged_manifest_from_its_config(pristine, tmp_path, mlflow_uri, capsys):
+    zoo = tmp_path / "zoo"
+    shutil.copytree(pristine / "zoo", zoo)
+    (zoo / PLAN).unlink()  # an older zoo: only the config can say what the manifest was
+    kept = {p.name: p.stat().st_mtime_ns for p in (zoo / "shards").iterdir()}
+    (zoo / MANIFEST).write_bytes((zoo / MANIFEST).read_bytes()[:100])
+    generate(tiny_config(mlflow_uri), zoo, progress=False)  # every shard matches its record: no training, no Ray
+    assert "quarantined" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in (zoo / "shards").iterdir()} == kept
+    assert verify_zoo(zoo).ok and json.loads((zoo / MANIFEST).read_text())["status"] == "complete"
+
+
+def _truncate_manifest(zoo: Path) -> str:
+    (zoo / MANIFEST).write_bytes((zoo / MANIFEST).read_bytes()[:200])
+    return "manifest.json"
+
+
+def _garble_shard(zoo: Path) -> str:
+    path = shard_file(zoo, 0)
+    path.write_bytes(b"\0" * path.stat().st_size)  # same size: only reading it shows the damage
+    return "shard-00000.parquet"
+
+
+def _lose_record(zoo: Path) -> str:
+    (zoo / META / "shard-00001.json").unlink()
+    return "shard-00001"
+
+
+DAMAGES = {"truncated_manifest": _truncate_manifest, "malformed_shard": _garble_shard, "missing_record": _lose_record}
+FIXES = {"truncated_manifest": "--repair", "malformed_shard": "raysys zoo generate",
+         "missing_record": "raysys zoo generate"}
+COMMANDS = {
+    "zoo_info": lambda z, c, t: ["zoo", "info", z],
+    "zoo_verify": lambda z, c, t: ["zoo", "verify", z],
+    "zoo_align": lambda z, c, t: ["zoo", "align", z, "--out", f"{t}/aligned", "--template-epochs", "1",
+                                  "--no-progress"],
+    "hyperrep_train": lambda z, c, t: ["hyperrep", "train", f"{t}/hyperrep.yaml", "--zoo", z, "--out", f"{t}/hr",
+                                       "--tracking-uri", f"sqlite:///{t}/mlflow.db", "--no-progress"],
+    "hyperrep_eval": lambda z, c, t: ["hyperrep", "eval", "--checkpoint", c, "--zoo", z, "--out", f"{t}/eval",
+                                      "--tracking-uri", f"sqlite:///{t}/mlflow.db", "--epochs", "0-1"],
+    "hyperrep_baselines": lambda z, c, t: ["hyperrep", "baselines", z, "--k", "2", "--window", "0", "1"],
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_reader_of_a_damaged_zoo_fails_with_one_line_naming_the_file_and_the_fix(pristine, tmp_path, capsys,
+                                                                                      damage, command):
+    import yaml
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(pristine / "zoo", zoo)
+    (tmp_path / "hyperrep.yaml").write_text(yaml.safe_dump(HYPERREP))
+    name = DAMAGES[damage](zoo)
+    rc = cli.main(COMMANDS[command](str(zoo), str(pristine / "ckpt"), str(tmp_path)))
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    if command == "zoo_verify" and damage != "truncated_manifest":  # verify's report is the answer: it names both
+        assert rc == 1 and name in out and FIXES[damage] in out, out
+        return
+    assert rc == 2, out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("raysys: error: "), err
+    assert name in err and FIXES[damage] in err, err
