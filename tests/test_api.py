@@ -2,6 +2,7 @@
 ``Zoo.to_ray_dataset`` reads the zoo into Ray Data; the README's example runs as written."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -21,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 2
 
 
-def write_zoo(root: Path, per_activation: int = 4, stray: bool = False) -> Path:
-    """A real tetris zoo: two shards (tanh, relu), 3 epochs each (0..2), written through the store;
+def write_zoo(root: Path, per_activation: int = 4, stray: bool = False, epochs: int = EPOCHS) -> Path:
+    """A real tetris zoo: two shards (tanh, relu), epochs 0..``epochs``, written through the store;
     ``stray``: a third complete shard that is not in the manifest's plan."""
     data = datasets.load("tetris")
     layout = layout_of("tetris_ffn", data.in_channels, data.num_classes, data.image_size)
@@ -36,7 +37,7 @@ def write_zoo(root: Path, per_activation: int = 4, stray: bool = False) -> Path:
         ids = list(range(shard * per_activation, (shard + 1) * per_activation))
         specs = [ModelSpec(i, seed=i, init="kaiming_uniform", activation=act, lr=1e-2) for i in ids]
         tables = []
-        train_population("tetris_ffn", specs, data, EPOCHS, lambda e, w, m, ids=ids, specs=specs, tables=tables:
+        train_population("tetris_ffn", specs, data, epochs, lambda e, w, m, ids=ids, specs=specs, tables=tables:
                          tables.append(rows_table(layout.num_params, ids, e, [splits[i] for i in ids], w.numpy(), m,
                                                   [s.hyperparameters() for s in specs])))
         writer.write_shard(shard, pa.concat_tables(tables), ids)
@@ -93,6 +94,91 @@ def test_to_ray_dataset_reads_the_planned_shards_with_fixed_size_weights(zoo_dir
     assert sum(pq.ParquetFile(f).metadata.num_rows for f in (zoo_dir / "shards").glob("*.parquet")) > len(rows)
 
 
+# --- checkpoints like the Hub's (item 3) ----------------------------------------------------------
+
+HYPERREP = {"model": {"d_model": 16, "heads": 2, "layers": 1, "ff": 32, "latent_dim": 8, "projection_dim": 8},
+            "augment": {"permute": False, "erase_p": 0.0},
+            "train": {"epoch_window": [1, 3], "epochs": 2, "batch_size": 16, "lr": 3e-3, "threads": 1}}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``raysys hyperrep train`` (the CLI, in this process) on a tiny real zoo: zoos/tetris, runs/tetris-ae."""
+    import yaml
+
+    from raysys.cli import main
+
+    root = tmp_path_factory.mktemp("hub")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        write_zoo(root / "zoos" / "tetris", per_activation=10, epochs=3)
+        (root / "tiny.yaml").write_text(yaml.safe_dump(HYPERREP))
+        rc = main(["hyperrep", "train", str(root / "tiny.yaml"), "--zoo", str(root / "zoos" / "tetris"),
+                   "--out", str(root / "runs" / "tetris-ae"), "--tracking-uri", f"sqlite:///{root / 'mlflow.db'}",
+                   "--no-progress"])
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0
+    return root
+
+
+def test_save_pretrained_then_from_pretrained_gives_identical_outputs(tmp_path):
+    from raysys.hyperrep import HyperRepConfig, HyperRepresentation
+    from raysys.hyperrep.checkpoint import FORMAT
+    from raysys.config import validate
+
+    layout = layout_of("cnn_s", 1, 10)
+    torch.manual_seed(0)
+    model = HyperRepresentation(validate(HyperRepConfig, {"model": HYPERREP["model"]}), layout)
+    model.set_layer_statistics(torch.arange(5.0), torch.linspace(0.5, 2.0, 5))
+    w = 0.1 * torch.randn(4, layout.num_params)
+    z, rec = model.encode(w), model.decode(model.encode(w))
+    model.save_pretrained(tmp_path / "hub")
+    files = {p.name for p in (tmp_path / "hub").iterdir()}
+    assert {"model.safetensors", "config.json", "README.md"} <= files and not [f for f in files if f.endswith(".tmp")]
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["format"] == FORMAT  # raysys's own config
+    for loaded in (HyperRepresentation.from_pretrained(tmp_path / "hub"),
+                   HyperRepresentation.from_pretrained(str(tmp_path / "hub")), HyperRepresentation.load(tmp_path / "hub")):
+        assert isinstance(loaded, HyperRepresentation) and not loaded.training
+        assert torch.equal(loaded.encode(w), z) and torch.equal(loaded.decode(z), rec)
+        assert torch.equal(loaded.lwln_std, model.lwln_std) and loaded.layout == layout
+    assert "raysys" in (tmp_path / "hub" / "README.md").read_text()  # the model card names the library
+    with pytest.raises(TypeError, match="unexpected"):
+        HyperRepresentation.from_pretrained(tmp_path / "hub", colour="red")
+
+
+def test_a_folder_from_hyperrep_train_loads_with_from_pretrained(trained, tmp_path):
+    from raysys.hyperrep import HyperRepresentation
+    from raysys.hyperrep.checkpoint import load_for_zoo
+
+    ckpt = trained / "runs" / "tetris-ae"
+    hr = HyperRepresentation.from_pretrained(ckpt)
+    reference = load_for_zoo(ckpt, trained / "zoos" / "tetris")
+    W, _ = open_zoo(trained / "zoos" / "tetris").weights(epochs=[3])
+    z = hr.encode(W)
+    np.testing.assert_array_equal(z, reference.encode(W))
+    np.testing.assert_array_equal(hr.decode(z), reference.decode(z))
+    assert hr.meta["mlflow_run_id"] == reference.meta["mlflow_run_id"]
+    # saved again with save_pretrained: the training record (zoo hash, run id, metrics) goes along
+    hr.save_pretrained(tmp_path / "again")
+    again = HyperRepresentation.from_pretrained(tmp_path / "again")
+    assert again.meta["zoo"] == reference.meta["zoo"] and again.meta["mlflow_run_id"] == reference.meta["mlflow_run_id"]
+    np.testing.assert_array_equal(again.encode(W), z)
+    load_for_zoo(tmp_path / "again", trained / "zoos" / "tetris")  # --checkpoint takes it too
+
+
+def test_from_pretrained_names_a_folder_that_is_no_checkpoint(tmp_path):
+    from raysys.config import RaysysError
+    from raysys.hyperrep import HyperRepresentation
+
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(RaysysError, match="not a hyper-representation checkpoint"):
+        HyperRepresentation.from_pretrained(tmp_path)
+
+
+# --- the README's example -----------------------------------------------------------------------
+
 def readme_example() -> str:
     """The Python block under "Python API" in README.md."""
     text = (ROOT / "README.md").read_text()
@@ -100,7 +186,11 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_example_is_short():
+def test_readme_example_runs_as_written(trained, monkeypatch, capsys):
     code = readme_example()
     assert len([line for line in code.splitlines() if line.strip()]) <= 10
-    assert "from_pretrained" in code and "zoo.model(" in code and "encode" in code and "decode" in code
+    monkeypatch.chdir(trained)  # where the example's zoos/tetris and runs/tetris-ae are
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the project's own README
+    printed = capsys.readouterr().out.split()
+    stored, reloaded, decoded = (float(x) for x in printed[-3:])
+    assert reloaded == pytest.approx(stored, abs=1e-6) and 0.0 <= decoded <= 1.0

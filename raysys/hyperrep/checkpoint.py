@@ -3,6 +3,11 @@
 
 Files are written to a temporary name and renamed, ``config.json`` last, so a directory with a
 ``config.json`` always has the matching weights next to it.
+
+The same two files are a Hugging Face Hub model repository: :class:`HubCheckpoint` (a
+``huggingface_hub.PyTorchModelHubMixin``, a base of :class:`~raysys.hyperrep.model.HyperRepresentation`)
+gives ``save_pretrained(DIR)`` (these files plus a model card, ``README.md``), ``push_to_hub(REPO)`` and
+``from_pretrained(DIR or REPO)``, which loads a folder written by ``raysys hyperrep train`` as it is.
 """
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file, save_file
 
 from raysys import __version__
@@ -19,7 +25,9 @@ from raysys.hyperrep.config import HyperRepConfig
 from raysys.store import atomic_write_json, manifest_path
 
 FORMAT = "raysys.hyperrep/1"
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the Hub's names too (SAFETENSORS_SINGLE_FILE, CONFIG_NAME)
+# config.json keys save_checkpoint writes itself; the rest (zoo, manifest hash, metrics, run id) is the model's meta
+RECORD_KEYS = ("format", "raysys_version", "config", "layout", "lwln")
 
 
 def manifest_sha256(zoo_dir: str | Path) -> str:
@@ -84,3 +92,35 @@ def load_for_zoo(directory: str | Path, zoo_dir: str | Path, device: str = "cpu"
     model = load_checkpoint(directory, device)
     model.check_layout(open_zoo(zoo_dir).layout, what=f"zoo {zoo_dir}")
     return model
+
+
+class HubCheckpoint(PyTorchModelHubMixin, library_name="raysys", tags=["raysys", "hyper-representation"]):
+    """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` (huggingface_hub's ``ModelHubMixin``) over the
+    checkpoint format above: ``model.safetensors`` + the raysys ``config.json``, so a folder written by
+    ``raysys hyperrep train`` loads with ``from_pretrained`` and one written by ``save_pretrained`` loads with
+    ``HyperRepresentation.load`` (and ``--checkpoint``)."""
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        meta = {k: v for k, v in (getattr(self, "meta", None) or {}).items() if k not in RECORD_KEYS}
+        save_checkpoint(self, save_directory, meta)
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
+                         local_files_only: bool, token, map_location: str = "cpu", device: str | None = None,
+                         **model_kwargs):
+        # model_kwargs holds config.json's "config" and "layout" (the mixin passes the keys named like __init__'s
+        # arguments): load_checkpoint reads and checks them itself.
+        unknown = set(model_kwargs) - {"config", "layout"}
+        if unknown:
+            raise TypeError(f"from_pretrained got unexpected arguments {sorted(unknown)}")
+        directory = Path(model_id)
+        if not directory.is_dir():  # a Hub repository: both files into one snapshot folder of the cache
+            weights = hf_hub_download(model_id, WEIGHTS, revision=revision, cache_dir=cache_dir,
+                                      force_download=force_download, local_files_only=local_files_only, token=token)
+            hf_hub_download(model_id, CONFIG, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                            local_files_only=local_files_only, token=token)
+            directory = Path(weights).parent
+        model = load_checkpoint(directory, device or map_location)
+        if not isinstance(model, cls):
+            raise RaysysError(f"{model_id} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model

@@ -24,6 +24,7 @@ from torch import nn
 
 from raysys.architectures import Layout
 from raysys.config import RaysysError
+from raysys.hyperrep.checkpoint import HubCheckpoint
 from raysys.hyperrep.config import HyperRepConfig
 from raysys.hyperrep.tokens import Tokenizer
 
@@ -34,7 +35,7 @@ def _transformer(cfg) -> nn.TransformerEncoder:
     return nn.TransformerEncoder(block, cfg.layers, norm=nn.LayerNorm(cfg.d_model), enable_nested_tensor=False)
 
 
-class HyperRepresentation(nn.Module):
+class HyperRepresentation(nn.Module, HubCheckpoint):  # HubCheckpoint: save_pretrained / from_pretrained
     def __init__(self, config: HyperRepConfig, layout: Layout):
         super().__init__()
         self.config, self.layout = config, layout
