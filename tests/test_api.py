@@ -168,6 +168,19 @@ def test_a_folder_from_hyperrep_train_loads_with_from_pretrained(trained, tmp_pa
     load_for_zoo(tmp_path / "again", trained / "zoos" / "tetris")  # --checkpoint takes it too
 
 
+def test_hyperrep_train_run_sits_in_a_model_training_experiment(trained):
+    """Item 6 on a real stage run: the experiment opens on the runs table; the headline figures are metrics."""
+    from mlflow.tracking import MlflowClient
+
+    from raysys.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING
+
+    client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hyperrep")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
+    (run,) = client.search_runs([exp.experiment_id])
+    assert {"final_test_r2", "final_val_rec"} <= set(run.data.metrics)
+
+
 def test_from_pretrained_names_a_folder_that_is_no_checkpoint(tmp_path):
     from raysys.config import RaysysError
     from raysys.hyperrep import HyperRepresentation
