@@ -83,24 +83,28 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
         h = stage_hashes(config, stages)
         runs: dict[str, str | None] = {}
 
-        def stage(name: str, work: Callable[[Path], str | None], resumable: bool = False) -> str | None:
-            return run_stage(out / name, h[name], work, resumable, before=start_ray)  # Ray only if work is left
+        def stage(name: str, work: Callable[[Path], str | None], resumable: bool = False,
+                  inputs: tuple[str, ...] = ()) -> str | None:
+            return run_stage(out / name, h[name], work, resumable, before=start_ray,  # Ray only if work is left
+                             inputs={i: out / i for i in inputs})
 
         runs["zoo"] = stage("zoo", resumable=True, work=lambda d: (
             zoo.generate(stages["zoo"], d, progress=progress), find_run(uri, stages["zoo"].mlflow.experiment, d))[1])
         zoo_dir = out / "zoo"
         if "align" in stages:
-            stage("zoo_aligned", lambda d: align_stage(stages["align"], out / "zoo", d, progress))
+            stage("zoo_aligned", lambda d: align_stage(stages["align"], out / "zoo", d, progress), inputs=("zoo",))
             zoo_dir = out / "zoo_aligned"
         runs["hyperrep"] = stage("hyperrep", lambda d: train_autoencoder(
-            stages["hyperrep"], zoo_dir, d, uri, config.evaluate, config.hyperrep_gpus, progress))
+            stages["hyperrep"], zoo_dir, d, uri, config.evaluate, config.hyperrep_gpus, progress),
+            inputs=(zoo_dir.name,))
         runs["hyperrep_eval"] = read_json(out / "hyperrep" / "eval" / "eval.json").get("mlflow_run_id")
         if config.nolwln_baseline:
             nolwln = stages["hyperrep"].model_copy(deep=True)
             nolwln.loss.lwln = False
             runs["hyperrep_nolwln"] = stage("hyperrep_nolwln", lambda d: train_autoencoder(
-                nolwln, zoo_dir, d, uri, False, config.hyperrep_gpus, progress))
-        runs["populations"] = stage("populations", lambda d: populations.run_populations(
+                nolwln, zoo_dir, d, uri, False, config.hyperrep_gpus, progress), inputs=(zoo_dir.name,))
+        pop_inputs = (zoo_dir.name, "hyperrep", *(("hyperrep_nolwln",) if config.nolwln_baseline else ()))
+        runs["populations"] = stage("populations", inputs=pop_inputs, work=lambda d: populations.run_populations(
             stages["populations"], zoo_dir, out / "hyperrep", d,
             out / "hyperrep_nolwln" if config.nolwln_baseline else None,
             tracking_uri=uri, progress=progress).get("mlflow_parent_run_id"))
@@ -195,31 +199,90 @@ def stage_record(stage_dir: Path) -> dict | None:
         return None  # a corrupt record means "not done"
 
 
+def output_digests(stage_dir: Path) -> dict[str, str]:
+    """sha256 of the files that are a stage's output, by path relative to ``stage_dir``: a zoo's shard files (its
+    data; the manifest is rewritten by every resume), elsewhere every file but the stage record, hidden files
+    (temporary files, locks) and the quarantine."""
+    from raysys.store import SHARDS, sha256_file
+
+    stage_dir = Path(stage_dir)
+    if (stage_dir / META).is_dir():
+        files = sorted((stage_dir / SHARDS).glob("shard-*.parquet"))
+    else:
+        files = sorted(p for p in stage_dir.rglob("*") if p.is_file() and p.name != STAGE_FILE
+                       and not any(part.startswith(".") for part in p.relative_to(stage_dir).parts))
+    return {p.relative_to(stage_dir).as_posix(): sha256_file(p) for p in files}
+
+
+def _difference(recorded: dict, now: dict) -> str | None:
+    """The first file whose digest differs between two digest maps, as a phrase; None when they agree."""
+    for name in sorted(set(recorded) | set(now)):
+        if name not in now:
+            return f"{name} is gone"
+        if name not in recorded:
+            return f"{name} is new"
+        if recorded[name] != now[name]:
+            return f"{name} changed (sha256 {str(recorded[name])[:12]}... -> {now[name][:12]}...)"
+    return None
+
+
+def _changed_since(stage_dir: Path, record: dict, inputs: dict[str, Path]) -> tuple[str, str] | None:
+    """("outputs" or "inputs", what changed) when a file the stage wrote or read differs from the digests its
+    record took when it ran; None when every one matches (or the record, older, has none)."""
+    if "outputs" not in record:
+        return None
+    diff = _difference(record["outputs"], output_digests(stage_dir))
+    if diff is not None:
+        return "outputs", f"its output {diff}"
+    for name, path in inputs.items():
+        diff = _difference(record.get("inputs", {}).get(name, {}), output_digests(path))
+        if diff is not None:
+            return "inputs", f"its input {name}/{diff}"
+    return None
+
+
 def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | None], resumable: bool = False,
-              before: Callable[[], None] | None = None) -> str | None:
+              before: Callable[[], None] | None = None, inputs: dict[str, Path] | None = None) -> str | None:
     """Run ``work(stage_dir)`` unless ``stage_dir`` already holds this hash's output; returns its MLflow run id.
 
     Output from another config is removed first. An interrupted stage (no record) is resumed when
     the stage can resume (the zoo keeps its complete shards) and redone from scratch otherwise.
+    ``inputs`` ({name: directory}) are the upstream stages' outputs this stage reads: the record keeps the
+    sha256 of each of their files and of the stage's own output (:func:`output_digests`), and "up to date"
+    also means that none of them has changed since. A changed output of a resumable stage resumes it (the
+    zoo quarantines and rewrites the damaged shard); any other change redoes the stage.
     """
+    inputs = inputs or {}
     record = stage_record(stage_dir)
+    redo = None
     if record is not None and record.get("hash") == stage_hash:
-        print(f"raysys pipeline: {stage_dir.name}: up to date ({stage_hash}), skipped", flush=True)
-        return record.get("mlflow_run_id")
+        changed = _changed_since(stage_dir, record, inputs)
+        if changed is None:
+            print(f"raysys pipeline: {stage_dir.name}: up to date ({stage_hash}), skipped", flush=True)
+            return record.get("mlflow_run_id")
+        kind, redo = changed
+        print(f"raysys pipeline: {stage_dir.name}: {redo} since it ran, "
+              f"{'resuming' if kind == 'outputs' and resumable else 'redoing'}", flush=True)
+        if kind == "outputs" and resumable:
+            stage_file(stage_dir).unlink(missing_ok=True)
+            record = None
     if stage_dir.exists() and (record is not None or not resumable):
-        why = f"config changed ({record.get('hash')} -> {stage_hash})" if record else "interrupted run"
-        print(f"raysys pipeline: {stage_dir.name}: {why}, redoing", flush=True)
+        if redo is None:
+            why = f"config changed ({record.get('hash')} -> {stage_hash})" if record else "interrupted run"
+            print(f"raysys pipeline: {stage_dir.name}: {why}, redoing", flush=True)
         shutil.rmtree(stage_dir)
     print(f"raysys pipeline: {stage_dir.name}: running", flush=True)
     if before is not None:
         before()
     t0 = time.time()
+    input_digests = {name: output_digests(path) for name, path in inputs.items()}  # what the stage reads
     run_id = work(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
     path = stage_dir / META / STAGE_FILE if (stage_dir / META).is_dir() else stage_dir / STAGE_FILE
     atomic_write_json(path, {"stage": stage_dir.name, "hash": stage_hash, "mlflow_run_id": run_id,
                              "seconds": round(time.time() - t0, 1), "raysys_version": __version__,
-                             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                             "inputs": input_digests, "outputs": output_digests(stage_dir)})
     return run_id
 
 

@@ -313,3 +313,84 @@ def test_a_second_pipeline_into_the_same_directory_is_refused(tmp_path):
                                           rf"\(pid {os.getpid()}@"):
         pipeline.run_pipeline(tiny(), out, config_dir=TINY.parent, progress=False)
     assert sorted(p.name for p in out.iterdir()) == [pipeline.LOCK_FILE]  # nothing else was written
+
+
+def test_a_stage_is_not_skipped_when_a_file_it_wrote_or_read_changed_since(tmp_path, capsys):
+    """Item 1, second half: "up to date" means the same config AND the same bytes. A real zoo (generate's
+    layout, shard records with sha256) and a checkpoint-like stage after it; bytes flipped in a shard, then in
+    the checkpoint, between reruns."""
+    from tests.test_faults import flip_bytes, write_store
+
+    out = tmp_path / "run"
+    zoo_work = []
+
+    def make_zoo(d: Path):
+        zoo_work.append(d)
+        write_store(d)  # deterministic: a rewrite gives the same bytes, as a resumed generate does
+        return "zoo-run"
+
+    hyperrep = Work("hr-run")
+
+    def run_all():
+        pipeline.run_stage(out / "zoo", "hz", make_zoo, resumable=True)
+        return pipeline.run_stage(out / "hyperrep", "hh", hyperrep, inputs={"zoo": out / "zoo"})
+
+    assert run_all() == "hr-run"
+    record = pipeline.stage_record(out / "hyperrep")
+    assert set(record["inputs"]["zoo"]) == {f"shards/shard-{s:05d}.parquet" for s in range(4)}
+    assert record["outputs"] == {"out1.txt": pipeline.output_digests(out / "hyperrep")["out1.txt"]}
+    run_all()
+    assert len(zoo_work) == 1 and hyperrep.calls == 1  # nothing changed: both skipped
+    capsys.readouterr()
+
+    # a shard's bytes flipped: the zoo is resumed (not removed) and rewrites them; what read the zoo then sees
+    # the bytes it read, and is skipped
+    shard = out / "zoo" / "shards" / "shard-00002.parquet"
+    flip_bytes(shard)
+    run_all()
+    printed = capsys.readouterr().out
+    assert "zoo: its output shards/shard-00002.parquet changed" in printed and "resuming" in printed
+    assert len(zoo_work) == 2 and (out / "zoo" / "shards" / "shard-00000.parquet").exists()
+    assert "hyperrep: up to date" in printed and hyperrep.calls == 1
+    # flipped again, and the stage that reads it runs first: redone on the bytes it now reads
+    flip_bytes(shard)
+    pipeline.run_stage(out / "hyperrep", "hh", hyperrep, inputs={"zoo": out / "zoo"})
+    printed = capsys.readouterr().out
+    assert "hyperrep: its input zoo/shards/shard-00002.parquet changed" in printed and "redoing" in printed
+    assert hyperrep.calls == 2
+
+    # the checkpoint's own files changed (or one went missing): redone, never silently skipped
+    (out / "hyperrep" / "out2.txt").write_text("edited")
+    pipeline.run_stage(out / "hyperrep", "hh", hyperrep, inputs={"zoo": out / "zoo"})
+    assert hyperrep.calls == 3 and "hyperrep: its output out2.txt changed" in capsys.readouterr().out
+    (out / "hyperrep" / "out3.txt").unlink()
+    pipeline.run_stage(out / "hyperrep", "hh", hyperrep, inputs={"zoo": out / "zoo"})
+    assert hyperrep.calls == 4 and "out3.txt is gone" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_tiny_pipeline_rerun_after_a_flipped_shard_is_not_silently_skipped(tmp_path, ray_local, mlflow_uri, capsys):
+    """The real stages (configs/pipeline/tiny.yaml): a rerun skips everything; bytes flipped in a zoo shard
+    make the rerun resume the zoo (the shard quarantined and retrained) instead of skipping it."""
+    from raysys.integrity import verify_zoo
+    from raysys.store import quarantined_files
+    from tests.test_faults import flip_bytes
+
+    cfg, out = tiny([f"tracking_uri={mlflow_uri}", "evaluate=false"]), tmp_path / "run"
+    pipeline.run_pipeline(cfg, out, config_dir=TINY.parent, progress=False)
+    capsys.readouterr()
+    pipeline.run_pipeline(cfg, out, config_dir=TINY.parent, progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count("up to date") == 4, printed  # zoo, zoo_aligned, hyperrep, populations
+
+    flip_bytes(out / "zoo" / "shards" / "shard-00001.parquet")
+    pipeline.run_pipeline(cfg, out, config_dir=TINY.parent, progress=False)
+    printed = capsys.readouterr().out
+    assert "zoo: its output shards/shard-00001.parquet changed" in printed and "resuming" in printed, printed
+    assert "zoo: up to date" not in printed
+    assert [p.name.split(".quarantined-")[0] for p in quarantined_files(out / "zoo")] == \
+        ["shard-00001.json", "shard-00001.parquet"]
+    assert verify_zoo(out / "zoo").ok
+    for name in ("zoo", "zoo_aligned", "hyperrep", "populations"):  # every stage's record matches its bytes again
+        record = pipeline.stage_record(out / name)
+        assert record["outputs"] == pipeline.output_digests(out / name), name
