@@ -5,6 +5,11 @@ One arm per call; every arm gets the same steps, batch and one-cycle schedule, s
     python benchmarks/hyperrep_arms.py ZOO --latent 16                       # permutation on, beta 1
     python benchmarks/hyperrep_arms.py ZOO --latent 16 --perm 0 --n 16       # overfit 16 training models
     python benchmarks/hyperrep_arms.py ZOO --window 0,75                      # train on every epoch
+    python benchmarks/hyperrep_arms.py ZOO --mlp 256 --wd 1e-2 --dropout 0.1  # the simplest nonlinear code
+
+``--mlp H`` is the yardstick arm for "can any nonlinear k-dim code beat PCA-k here?": PCA-k's code and
+reconstruction plus a learned MLP correction (two hidden layers of H, zero-initialized, so step 0 is PCA-k),
+trained on plain MSE of the centred weights.
 
 Test R² is taken on the test split's epochs 21-25 unless ``--test-window`` says otherwise (split-own mean, as ``raysys hyperrep eval``); PCA-k is
 fit on the arm's own training rows. ``sat`` is the share of |z| > 0.99 (tanh saturation). Results: docs/results.md.
@@ -57,6 +62,7 @@ def main() -> None:
     p.add_argument("--window", default="21,25", help="training epochs, first,last")
     p.add_argument("--test-window", default="21,25", help="test-split epochs, first,last")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mlp", type=int, default=0, help="hidden width of the PCA + MLP-correction arm (0: the transformer)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -69,6 +75,8 @@ def main() -> None:
         w, meta = zoo.weights(epochs=list(range(first, last + 1)), splits=["train"])
         train = torch.from_numpy(np.ascontiguousarray(w[meta["model_id"].isin(ids).to_numpy()])).float()
     test = load_window(zoo, tuple(map(int, a.test_window.split(","))))["test"]
+    if a.mlp:
+        return mlp_arm(a, train, test)
 
     cfg = HyperRepConfig.model_validate({
         "model": dict(d_model=a.d_model, heads=a.heads, layers=a.layers, ff=a.ff, latent_dim=a.latent,
@@ -109,6 +117,56 @@ def main() -> None:
             sat = float((torch.from_numpy(model.encode(test.numpy())).abs() > 0.99).float().mean())
             print(f"step {step} loss {loss.item():.4f} train R² {r2(train[:2000], ae_rec(train[:2000])):.3f} "
                   f"test R² {r2(test, ae_rec(test)):.3f} sat {sat:.2f} ({time.time() - t0:.0f} s)", flush=True)
+
+
+class PcaMlp(torch.nn.Module):
+    """z = PCA code + MLP(x); x̂ = PCA decode(z) + MLP(z), on centred weights; zero-initialized corrections."""
+
+    def __init__(self, components: torch.Tensor, hidden: int, dropout: float):
+        super().__init__()
+        k, d = components.shape
+        self.register_buffer("components", components)
+
+        def mlp(n_in, n_out):
+            net = torch.nn.Sequential(torch.nn.Linear(n_in, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                                      torch.nn.Linear(hidden, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, n_out))
+            torch.nn.init.zeros_(net[-1].weight)
+            torch.nn.init.zeros_(net[-1].bias)
+            return net
+        self.enc, self.dec = mlp(d, k), mlp(k, d)
+
+    def forward(self, x):
+        z = x @ self.components.T + self.enc(x)
+        return z @ self.components + self.dec(z)
+
+
+def mlp_arm(a, train: torch.Tensor, test: torch.Tensor) -> None:
+    mean = train.mean(0)
+    pca = PCA(a.latent).fit(train.numpy())
+    model = PcaMlp(torch.from_numpy(pca.components_).float(), a.mlp, a.dropout)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.wd)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=a.steps, pct_start=0.05)
+    gen = torch.Generator().manual_seed(0)
+
+    def rec(x):
+        model.eval()
+        with torch.no_grad():
+            return model(x - mean) + mean
+
+    print(f"train rows {len(train)}, test rows {len(test)}; PCA-{a.latent} + MLP-{a.mlp} at step 0 (= PCA-{a.latent}): "
+          f"train R² {r2(train[:2000], rec(train[:2000])):.3f} test R² {r2(test, rec(test)):.3f}", flush=True)
+    t0 = time.time()
+    for step in range(1, a.steps + 1):
+        model.train()
+        x = train[torch.randint(len(train), (min(a.bs, len(train)),), generator=gen)] - mean
+        loss = ((model(x) - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % a.every == 0 or step == a.steps:
+            print(f"step {step} loss {loss.item():.5f} train R² {r2(train[:2000], rec(train[:2000])):.3f} "
+                  f"test R² {r2(test, rec(test)):.3f} ({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
