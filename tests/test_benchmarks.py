@@ -36,3 +36,22 @@ def test_hyperrep_throughput_smoke():
     # the step's FLOPs: at least the feed-forward matmuls of 4 blocks over 2 x 32 sequences of 49 tokens, x3 for backward
     assert row["gflop_per_step"] > 3 * 4 * 2 * 2 * 64 * 49 * 64 * 256 / 1e9
     assert row["roofline_headroom"] > 1
+
+
+def test_hyperrep_arms_smoke(tmp_path):
+    """Both arms of benchmarks/hyperrep_arms.py run on a tiny zoo; the MLP arm starts exactly at PCA-k."""
+    from test_hyperrep import make_zoo
+
+    zoo = make_zoo(tmp_path / "zoo", n=30, epochs=4)
+    common = ["--latent", "4", "--steps", "4", "--every", "2", "--bs", "16", "--window", "1,3", "--test-window", "1,3"]
+    heads = []
+    for extra in ([], ["--mlp", "16"]):
+        run = subprocess.run([sys.executable, "benchmarks/hyperrep_arms.py", str(zoo), *common, *extra], cwd=ROOT,
+                             check=True, timeout=240, capture_output=True, text=True)
+        lines = run.stdout.strip().splitlines()
+        assert lines[-1].startswith("step 4 ") and "test R²" in lines[-1], run.stdout
+        heads.append(lines[0])
+    # The transformer arm prints PCA-4's test R²; the MLP arm's step-0 reconstruction is PCA-4 itself.
+    pca_test = float(heads[0].split("PCA-4: ")[1].split("test R² ")[1].split(";")[0])
+    mlp_step0 = float(heads[1].split("test R² ")[1].split()[0])
+    assert "(= PCA-4)" in heads[1] and mlp_step0 == pytest.approx(pca_test, abs=1e-3)
