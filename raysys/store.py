@@ -391,7 +391,8 @@ def quarantined_files(root: str | Path) -> list[Path]:
 def quarantine_strays(root: str | Path, planned: Iterable[int], bad: dict[int, str] | Iterable[int] = ()) -> list[Path]:
     """Move every file of zoo ``root`` that is not the zoo's to the quarantine; returns where they went.
 
-    Strays: a Parquet file under ``shards/`` or a completion record that is not in the plan ``planned``;
+    Strays: a Parquet file anywhere in the folder (outside ``__raysys__/`` and hidden folders) or a completion
+    record that is not in the plan ``planned``;
     a planned shard whose record does not match its file (size or sha256), and the shards ``bad`` (rows
     that verify flags): both the file and its record. A planned file without a record (a run died
     between the two renames) is left: it is not data, and the writer overwrites it. ``bad`` may map each
@@ -399,9 +400,10 @@ def quarantine_strays(root: str | Path, planned: Iterable[int], bad: dict[int, s
     """
     root, planned = Path(root), {int(s) for s in planned}
     moved = []
-    for path in sorted((root / SHARDS).glob("*.parquet")):
-        sid = _shard_number(path) if path.name.startswith("shard-") else -1
-        if sid not in planned:
+    keep = {shard_file(root, sid) for sid in planned}
+    for path in sorted(root.rglob("*.parquet")):  # anywhere a reader of the folder would find it
+        hidden = any(part.startswith((".", "__")) for part in path.relative_to(root).parts[:-1])
+        if not hidden and path not in keep and not path.name.startswith("."):
             moved.append(quarantine(root, path, "not in the manifest's shard plan"))
     for path in sorted([*(root / META).glob("shard-*.json"), *(root / SHARDS).glob("shard-*.json")]):
         if _shard_number(path) not in planned:
@@ -808,10 +810,6 @@ def open_zoo(root: str | Path, check: bool = True, partial: bool = False) -> Zoo
     """Open a zoo directory; ``check`` also refuses a manifest whose layout disagrees with the data;
     ``partial`` allows reading a zoo whose generation has not finished (the shards written so far)."""
     root = Path(root)
-    path = manifest_path(root)
-    if not path.exists():
-        raise StoreError(f"{root} is not a zoo: {MANIFEST} is missing. Point at a directory written by "
-                         f"'raysys zoo generate CONFIG --out DIR'.")
     manifest = read_manifest(root)
     zoo = Zoo(root, manifest, partial)
     if check:
@@ -864,6 +862,8 @@ def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     path = manifest_path(root)
     if not path.exists():
+        if read_plan(root) is not None:  # a zoo that lost its manifest
+            raise StoreError(damaged_manifest(root, "it is missing"))
         raise StoreError(f"{root} is not a zoo: {MANIFEST} is missing. Point at a directory written by "
                          f"'raysys zoo generate CONFIG --out DIR'.")
     why = manifest_problem(root)

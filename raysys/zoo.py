@@ -385,12 +385,13 @@ def _manifest(config: ZooConfig, data, shards: list[Shard], splits: list[str], s
 def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
     """True when out_dir already holds this zoo (resume); error when it holds another one."""
     path = manifest_path(out_dir)
-    if not path.exists():
+    lost = not path.exists() and read_plan(out_dir) is not None  # a zoo that lost its manifest: plan.json remains
+    if not path.exists() and not lost:
         if out_dir.exists() and not only_writer_files(out_dir):
             raise RaysysError(f"{out_dir} exists, is not empty and holds no zoo manifest. "
                               f"Choose a new --out directory (or an empty one).")
         return False
-    damaged = manifest_problem(out_dir)
+    damaged = "it is missing" if lost else manifest_problem(out_dir)
     try:
         # a damaged manifest is rebuilt from this config (generate() quarantines it): the plan.json beside it,
         # when there is one, still says which config the zoo was made with
@@ -465,9 +466,10 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
         with WriterLock(out_dir, "raysys zoo generate"):
             # again, now that no other writer can change the directory under us
             resuming = _check_resume(out_dir, config)
-            damaged = manifest_problem(out_dir)
+            damaged = manifest_problem(out_dir) or (resuming and not manifest_path(out_dir).exists())
             if damaged:  # rebuilt from this config; the records and the rows decide which shards are kept
-                quarantine(out_dir, manifest_path(out_dir), f"a damaged manifest ({damaged}); rebuilt from the config")
+                if manifest_path(out_dir).exists():
+                    quarantine(out_dir, manifest_path(out_dir), f"a damaged manifest ({damaged}); rebuilt from the config")
                 ZooWriter(out_dir).write_manifest(_manifest(config, data, shards, splits, "running"))
             pending, bad = _pending(out_dir, shards, resuming)
             if resuming:  # strays and shards that do not match their records go to the quarantine, not into the zoo

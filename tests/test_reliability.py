@@ -58,16 +58,18 @@ def test_resumed_generate_quarantines_unplanned_files_and_verify_names_them(tmp_
     rec = json.loads(writer.record_path(0).read_text())
     writer.record_path(7).write_text(json.dumps({**rec, "shard": 7}))
     shutil.copy(writer.shard_path(1), out / "shards" / "part-0.parquet")
+    (out / "extra").mkdir()
+    shutil.copy(writer.shard_path(1), out / "extra" / "more.parquet")  # pd.read_parquet(ZOO) would read it too
     writer.record_path(9).write_text(json.dumps({**rec, "shard": 9}))
     good = {s: writer.shard_path(s).stat().st_mtime_ns for s in (0, 1)}
 
     generate(config, out, progress=False)  # nothing to train: no Ray
     printed = capsys.readouterr().out
-    for name in ("shard-00007.parquet", "shard-00007.json", "part-0.parquet", "shard-00009.json"):
+    for name in ("shard-00007.parquet", "shard-00007.json", "part-0.parquet", "more.parquet", "shard-00009.json"):
         assert f"quarantined {out}" in printed and name in printed, printed
         assert not list(out.rglob(name))  # moved, under another name
     q = quarantined_files(out)
-    assert len(q) == 4 and all(".quarantined-" in p.name for p in q)
+    assert len(q) == 5 and all(".quarantined-" in p.name for p in q)
     assert not [p for p in q if p.name.endswith(".parquet")]  # no **/*.parquet glob reads them
     assert {s: writer.shard_path(s).stat().st_mtime_ns for s in (0, 1)} == good  # the zoo's own shards stay
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
@@ -260,6 +262,10 @@ def test_verify_repair_rebuilds_a_truncated_manifest_byte_for_byte(pristine, tmp
     assert len(open_zoo(zoo).frame()) == 4 * 2
     assert cli.main(["zoo", "verify", str(zoo), "--repair"]) == 0  # nothing left to rebuild
     assert "nothing to rebuild" in capsys.readouterr().out
+    (zoo / MANIFEST).unlink()  # lost altogether
+    assert cli.main(["zoo", "info", str(zoo)]) == 2 and "is damaged: it is missing" in capsys.readouterr().err
+    assert cli.main(["zoo", "verify", str(zoo), "--repair"]) == 0 and (zoo / MANIFEST).read_bytes() == original
+    capsys.readouterr()
 
     # a shard that no longer matches its record is left out: the rebuilt manifest says 'running'
     from tests.test_faults import flip_bytes
@@ -287,6 +293,11 @@ def test_generate_rebuilds_a_damaged_manifest_from_its_config(pristine, tmp_path
     assert "quarantined" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in (zoo / "shards").iterdir()} == kept
     assert verify_zoo(zoo).ok and json.loads((zoo / MANIFEST).read_text())["status"] == "complete"
+    (zoo / MANIFEST).unlink()  # lost altogether, plan.json (written again by that run) still there
+    with pytest.raises(RaysysError, match="different config"):  # plan.json says which config made the zoo
+        generate(tiny_config(mlflow_uri), zoo, overrides=["epochs=2"], progress=False)
+    generate(tiny_config(mlflow_uri), zoo, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (zoo / "shards").iterdir()} == kept and verify_zoo(zoo).ok
 
 
 def _truncate_manifest(zoo: Path) -> str:
