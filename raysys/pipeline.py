@@ -35,6 +35,7 @@ from pydantic import Field
 from raysys import __version__
 from raysys.config import Config, ConfigError, apply_overrides, read_yaml, validate
 from raysys.store import META, SUMMARY_PLOT, atomic_write_bytes, atomic_write_json, meta_file
+from raysys.provenance import code_fingerprint, describe, same_code
 from raysys.tracking import mask_uri
 
 STAGE_FILE = "stage.json"
@@ -81,12 +82,14 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
         ensure_experiments(uri, [stages["zoo"].mlflow.experiment, EXPERIMENTS["hyperrep"],
                                  stages["populations"].mlflow.experiment, EXPERIMENTS["pipeline"]])
         h = stage_hashes(config, stages)
+        legacy = stage_hashes(config, stages, code=False)  # what records written before code fingerprints hold
         runs: dict[str, str | None] = {}
 
         def stage(name: str, work: Callable[[Path], str | None], resumable: bool = False,
                   inputs: tuple[str, ...] = ()) -> str | None:
             return run_stage(out / name, h[name], work, resumable, before=start_ray,  # Ray only if work is left
-                             inputs={i: out / i for i in inputs})
+                             inputs={i: out / i for i in inputs}, code=code_fingerprint(name),
+                             legacy_hash=legacy[name])
 
         runs["zoo"] = stage("zoo", resumable=True, work=lambda d: (
             zoo.generate(stages["zoo"], d, progress=progress), find_run(uri, stages["zoo"].mlflow.experiment, d))[1])
@@ -164,18 +167,29 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-def stage_hashes(config: PipelineConfig, stages: dict[str, Config]) -> dict[str, str]:
-    """Each stage's hash covers its own config and its inputs' hashes, so a change flows downstream."""
-    h = {"zoo": digest({"zoo": identity("zoo", stages["zoo"])})}
+def stage_hashes(config: PipelineConfig, stages: dict[str, Config], code: bool = True) -> dict[str, str]:
+    """Each stage's hash covers its own config, the fingerprint of its own code
+    (:func:`raysys.provenance.code_fingerprint`) and its inputs' hashes, so a change flows downstream.
+    (The bytes of the inputs are checked apart, against the digests each stage record keeps.)
+    ``code=False``: the hashes of a raysys before code fingerprints, to recognise its records."""
+    def key(stage: str, d: dict) -> str:
+        if code:
+            fp = code_fingerprint(stage)
+            d = {**d, "code": [fp["raysys_version"], fp["sources"]]}
+        return digest(d)
+
+    h = {"zoo": key("zoo", {"zoo": identity("zoo", stages["zoo"])})}
     upstream = h["zoo"]
     if "align" in stages:
-        h["zoo_aligned"] = upstream = digest({"align": stages["align"].model_dump(mode="json"), "zoo": h["zoo"]})
-    h["hyperrep"] = digest({"hyperrep": identity("hyperrep", stages["hyperrep"]), "zoo": upstream,
-                            "evaluate": config.evaluate})
-    h["hyperrep_nolwln"] = digest({"hyperrep_nolwln": identity("hyperrep", stages["hyperrep"]), "zoo": upstream})
-    h["populations"] = digest({"populations": identity("populations", stages["populations"]),
-                               "hyperrep": h["hyperrep"],
-                               "nolwln": h["hyperrep_nolwln"] if config.nolwln_baseline else None})
+        h["zoo_aligned"] = upstream = key("zoo_aligned", {"align": stages["align"].model_dump(mode="json"),
+                                                          "zoo": h["zoo"]})
+    h["hyperrep"] = key("hyperrep", {"hyperrep": identity("hyperrep", stages["hyperrep"]), "zoo": upstream,
+                                     "evaluate": config.evaluate})
+    h["hyperrep_nolwln"] = key("hyperrep_nolwln", {"hyperrep_nolwln": identity("hyperrep", stages["hyperrep"]),
+                                                   "zoo": upstream})
+    h["populations"] = key("populations", {"populations": identity("populations", stages["populations"]),
+                                           "hyperrep": h["hyperrep"],
+                                           "nolwln": h["hyperrep_nolwln"] if config.nolwln_baseline else None})
     return h
 
 
@@ -242,7 +256,8 @@ def _changed_since(stage_dir: Path, record: dict, inputs: dict[str, Path]) -> tu
 
 
 def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | None], resumable: bool = False,
-              before: Callable[[], None] | None = None, inputs: dict[str, Path] | None = None) -> str | None:
+              before: Callable[[], None] | None = None, inputs: dict[str, Path] | None = None,
+              code: dict | None = None, legacy_hash: str | None = None) -> str | None:
     """Run ``work(stage_dir)`` unless ``stage_dir`` already holds this hash's output; returns its MLflow run id.
 
     Output from another config is removed first. An interrupted stage (no record) is resumed when
@@ -251,11 +266,18 @@ def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | Non
     sha256 of each of their files and of the stage's own output (:func:`output_digests`), and "up to date"
     also means that none of them has changed since. A changed output of a resumable stage resumes it (the
     zoo quarantines and rewrites the damaged shard); any other change redoes the stage.
+    ``code``: the fingerprint of the stage's code (kept in the record): a record that names other code is
+    redone, never resumed. ``legacy_hash``: the stage's hash as a raysys without code fingerprints computed
+    it; a record of such a raysys (no ``code``) with that hash is trusted as before.
     """
     inputs = inputs or {}
     record = stage_record(stage_dir)
     redo = None
-    if record is not None and record.get("hash") == stage_hash:
+    if record is not None and code is not None and "code" in record and not same_code(record["code"], code):
+        redo = f"its code changed ({describe(record['code'])} -> {describe(code)})"
+        print(f"raysys pipeline: {stage_dir.name}: {redo} since it ran, redoing", flush=True)
+    elif record is not None and (record.get("hash") == stage_hash or (
+            legacy_hash is not None and "code" not in record and record.get("hash") == legacy_hash)):
         changed = _changed_since(stage_dir, record, inputs)
         if changed is None:
             print(f"raysys pipeline: {stage_dir.name}: up to date ({stage_hash}), skipped", flush=True)
@@ -282,7 +304,8 @@ def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | Non
     atomic_write_json(path, {"stage": stage_dir.name, "hash": stage_hash, "mlflow_run_id": run_id,
                              "seconds": round(time.time() - t0, 1), "raysys_version": __version__,
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                             "inputs": input_digests, "outputs": output_digests(stage_dir)})
+                             "inputs": input_digests, "outputs": output_digests(stage_dir),
+                             **({"code": code} if code is not None else {})})
     return run_id
 
 

@@ -623,8 +623,11 @@ def _stage_shard_file(root: Path, shard: int, table: pa.Table, model_ids: Iterab
     pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    from raysys.provenance import STORE_FORMAT, code_fingerprint
+
     return tmp, {"shard": int(shard), "file": path.name, "rows": table.num_rows, "bytes": tmp.stat().st_size,
-                 "model_ids": sorted(int(m) for m in model_ids), "sha256": sha256_file(tmp)}
+                 "model_ids": sorted(int(m) for m in model_ids), "sha256": sha256_file(tmp),
+                 "store_format": STORE_FORMAT, "code": code_fingerprint("zoo")}
 
 
 @dataclass

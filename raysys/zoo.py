@@ -27,6 +27,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raysys import __version__, architectures
 from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
+from raysys.provenance import STORE_FORMAT, check_same_code, code_fingerprint
 from raysys.store import (META, SUMMARY_PLOT, WriterLock, ZooWriter, atomic_write_bytes, clean_temp_files,
                           manifest_path, manifest_problem, only_writer_files, open_zoo, quarantine, quarantine_strays,
                           read_plan, rows_table, shard_record, splits_for)
@@ -362,6 +363,8 @@ def _manifest(config: ZooConfig, data, shards: list[Shard], splits: list[str], s
     layout = architectures.layout_of(config.arch, data.in_channels, data.num_classes, data.image_size)
     return {
         "raysys_version": __version__,
+        "store_format": STORE_FORMAT,
+        "code": code_fingerprint("zoo"),  # the trainer's: a resume by other code is refused (_check_resume)
         "name": config.name,
         "arch": config.arch,
         "status": status,
@@ -411,6 +414,7 @@ def _check_resume(out_dir: Path, config: ZooConfig) -> bool:
                          if before.get(k) != now.get(k))
         raise RaysysError(f"{out_dir} holds zoo '{old.name}' generated with a different config ({diff}). "
                           f"Rerun with the original config to resume it, or choose a new --out directory.")
+    check_same_code(out_dir, manifest, "raysys zoo generate CONFIG")
     return True
 
 

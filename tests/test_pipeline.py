@@ -132,6 +132,70 @@ def test_hashes_are_deterministic_and_distinct(lr, models, budget):
         assert a["hyperrep"] != hashes()["hyperrep"]
 
 
+CODE_CHANGES = [("zoo", {"zoo", "zoo_aligned", "hyperrep", "hyperrep_nolwln", "populations"}),
+                ("zoo_aligned", {"zoo_aligned", "hyperrep", "hyperrep_nolwln", "populations"}),
+                ("hyperrep", {"hyperrep", "populations"}),
+                ("populations", {"populations"})]
+
+
+@pytest.mark.parametrize("stage,changed", CODE_CHANGES, ids=[c[0] for c in CODE_CHANGES])
+def test_a_change_of_a_stages_code_changes_its_hash_and_everything_downstream(stage, changed, monkeypatch):
+    """Item 5: the stage hashes see code: another fingerprint of one stage's sources (forged here) changes that
+    stage's hash and those downstream, not those upstream."""
+    from raysys import provenance
+
+    before = hashes()
+
+    def forged(name):
+        fp = provenance.code_fingerprint(name)
+        return {**fp, "sources": "f" * 16} if name == stage else fp
+
+    monkeypatch.setattr(pipeline, "code_fingerprint", forged)
+    after = hashes()
+    assert {k for k in before if before[k] != after[k]} == changed
+
+
+def test_a_stage_whose_code_changed_is_redone_and_an_older_record_is_trusted(tmp_path, capsys):
+    """Item 5: stage.json keeps the code fingerprint of the stage; a record naming other code (forged) is redone
+    with a line naming both, even when its hash matches; a record written before fingerprints (no 'code', the
+    hash as that raysys computed it) is trusted as before."""
+    from raysys.provenance import code_fingerprint, describe
+
+    code = code_fingerprint("hyperrep")
+    d, work = tmp_path / "hyperrep", Work()
+    pipeline.run_stage(d, "h1", work, code=code)
+    record = json.loads((d / "stage.json").read_text())
+    assert record["code"] == code
+    pipeline.run_stage(d, "h1", work, code=code)
+    assert work.calls == 1  # same code: skipped
+    forged = {**code, "raysys_version": "0.0.1", "sources": "0123456789abcdef"}
+    (d / "stage.json").write_text(json.dumps({**record, "code": forged}))
+    capsys.readouterr()
+    pipeline.run_stage(d, "h1", work, code=code)
+    printed = capsys.readouterr().out
+    assert work.calls == 2 and "hyperrep: its code changed" in printed and "redoing" in printed
+    assert describe(forged) in printed and describe(code) in printed
+    assert not (d / "out1.txt").exists() and json.loads((d / "stage.json").read_text())["code"] == code
+    # the zoo too is redone from scratch (a resumed generate would refuse the other code's zoo), not resumed
+    z = tmp_path / "zoo"
+    pipeline.run_stage(z, "hz", Work(), resumable=True, code=code)
+    rec = json.loads((z / "stage.json").read_text())
+    (z / "stage.json").write_text(json.dumps({**rec, "code": forged}))
+    (z / "shard-of-the-old-code.parquet").write_text("kept by a resume")
+    zwork = Work()
+    pipeline.run_stage(z, "hz", zwork, resumable=True, code=code)
+    assert zwork.calls == 1 and not (z / "shard-of-the-old-code.parquet").exists()
+    # a record of a raysys before code fingerprints: trusted when its hash is the old one
+    old = tmp_path / "old"
+    pipeline.run_stage(old, "legacy", Work())
+    assert "code" not in json.loads((old / "stage.json").read_text())
+    later = Work()
+    pipeline.run_stage(old, "new", later, code=code, legacy_hash="legacy")
+    assert later.calls == 0
+    pipeline.run_stage(old, "new", later, code=code, legacy_hash="other")
+    assert later.calls == 1
+
+
 # --- skip / redo / resume ---------------------------------------------------------------------
 
 class Work:

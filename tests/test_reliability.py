@@ -352,3 +352,51 @@ def test_every_reader_of_a_damaged_zoo_fails_with_one_line_naming_the_file_and_t
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("raysys: error: "), err
     assert name in err and FIXES[damage] in err, err
+
+
+# --- item 5: cache keys that see code --------------------------------------------------------------
+
+
+def test_a_zoo_made_by_other_trainer_code_is_not_resumed(tmp_path, mlflow_uri, capsys, monkeypatch):
+    """The manifest and every shard record name the store format and the trainer's code fingerprint; a resumed
+    generate whose fingerprint differs from the zoo's (forged here) is refused, naming both and the way to start
+    fresh, touching nothing; $RAYSYS_ALLOW_CODE_CHANGE=1 resumes it anyway."""
+    from raysys.provenance import ALLOW_ENV, STORE_FORMAT, code_fingerprint, describe
+
+    out, config = tmp_path / "zoo", tiny_config(mlflow_uri)
+    writer = trained_zoo(out, config)
+    now = code_fingerprint("zoo")
+    assert now["raysys_version"] and len(now["sources"]) == 16 and "train.py" in now["files"]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["store_format"] == STORE_FORMAT and manifest["code"] == now
+    for s in (0, 1):
+        record = json.loads(writer.record_path(s).read_text())
+        assert record["store_format"] == STORE_FORMAT and record["code"] == now
+
+    forged = {**now, "raysys_version": "0.0.1", "sources": "0123456789abcdef"}
+    (out / MANIFEST).write_text(json.dumps({**manifest, "code": forged}))
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(RaysysError) as err:
+        generate(config, out, progress=False)
+    msg = str(err.value)
+    assert describe(forged) in msg and describe(now) in msg, msg
+    assert "0.0.1" in msg and "--out NEW_DIR" in msg and "delete" in msg and ALLOW_ENV in msg, msg
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before  # nothing touched
+    # the same through the CLI: one error line
+    import yaml
+
+    cfg = tmp_path / "zoo.yaml"
+    cfg.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    capsys.readouterr()
+    assert cli.main(["zoo", "generate", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("raysys: error: ") and "0.0.1" in lines[0], lines
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+    monkeypatch.setenv(ALLOW_ENV, "1")
+    shards = {s: writer.shard_path(s).stat().st_mtime_ns for s in (0, 1)}
+    capsys.readouterr()
+    generate(config, out, progress=False)  # nothing to train: no Ray
+    assert f"{ALLOW_ENV}=1" in capsys.readouterr().out
+    assert {s: writer.shard_path(s).stat().st_mtime_ns for s in (0, 1)} == shards
+    assert json.loads((out / MANIFEST).read_text())["code"] == now
