@@ -106,6 +106,32 @@ def _zoo(subparsers) -> None:
     a.add_argument("--rounds", type=int, default=3, help="align-then-average rounds for the template (default 3)")
     a.add_argument("--no-progress", action="store_true", help="no per-shard progress lines")
 
+    im = _command(sub, "import-modelzoos", "raysys.importers:_cmd_import",
+                  "import a published Model Zoos directory (www.modelzoos.cc) into a raysys zoo",
+                  description="Import a zoo in the published Model Zoos format (NeurIPS 2022; www.modelzoos.cc): one "
+                              "Ray Tune trial folder per model with params.json, result.json and "
+                              "checkpoint_N/checkpoints (a torch state_dict, read with weights_only=True only). CNN-s "
+                              "(model::type CNN), CNN-m (CNN3) and the TETRIS FFN (MLP) map onto raysys's layout, every "
+                              "shape checked; hyperparameters and per-epoch metrics become columns, splits are 70/15/15 "
+                              "by model. Models with a missing, unreadable or non-finite checkpoint are skipped and "
+                              "counted. Rerunning the same command resumes an interrupted import.")
+    im.add_argument("src", help="the unpacked zoo directory (one folder per model)")
+    im.add_argument("--out", required=True, help="raysys zoo directory to write; rerunning the same command resumes it")
+    im.add_argument("--arch", choices=["cnn_s", "cnn_m", "tetris_ffn"], default=None,
+                    help="architecture (default: from params.json's model::type, else the checkpoint shapes)")
+    im.add_argument("--epochs", type=int, default=None,
+                    help="last epoch to import (default: the last epoch most models reached); models without every "
+                         "checkpoint up to it are skipped")
+    im.add_argument("--split-seed", type=int, default=0, help="seed of the 70/15/15 split by model (default 0)")
+    im.add_argument("--models-per-shard", type=int, default=50, help="models per Parquet shard (default 50)")
+    im.add_argument("--name", default=None, help="zoo name in the manifest (default: SRC's folder name)")
+    im.add_argument("--dataset", default=None,
+                    help="dataset name for the manifest, e.g. mnist (default: guessed from dataset::dump and SRC)")
+    im.add_argument("--skip-mismatched", action="store_true",
+                    help="skip (and count) models whose params.json or state_dict does not fit the architecture "
+                         "instead of stopping with an error (a checkpoint that is not weights-only always stops it)")
+    im.add_argument("--no-progress", action="store_true", help="no progress lines")
+
 
 # --- hyper-representations ------------------------------------------------------------------------
 

@@ -113,6 +113,9 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
     aligned = manifest.get("aligned")
     if isinstance(aligned, dict):  # an aligned copy is repaired by aligning again, not by generating
         report.repair = f"'raysys zoo align {aligned.get('source', 'SRC')} --out {root}' with the same options"
+    imported = manifest.get("imported")
+    if isinstance(imported, dict):  # an imported zoo is repaired by importing again
+        report.repair = f"'raysys zoo import-modelzoos {imported.get('source', 'SRC')} --out {root}' with the same options"
     try:
         num_params = zoo.num_params
     except (KeyError, TypeError, ValueError) as err:
@@ -122,7 +125,9 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
         report.problems.append(Problem("schema", MANIFEST, f"says num_params {manifest['num_params']} but its "
                                                            f"layout has {num_params}"))
     epochs = manifest.get("epochs")
-    expected_epochs = set(range(int(epochs) + 1)) if isinstance(epochs, int) else None
+    first_epoch = manifest.get("first_epoch", 0)  # an imported zoo without its initializations starts at 1
+    first_epoch = first_epoch if isinstance(first_epoch, int) else 0
+    expected_epochs = set(range(first_epoch, int(epochs) + 1)) if isinstance(epochs, int) else None
     plan = _planned(manifest, root)
     report.planned_shards = len(plan)
     planned_ids = {int(s["shard"]) for s in plan}

@@ -671,6 +671,10 @@ class Zoo:
         aligned = self.manifest.get("aligned")
         if isinstance(aligned, dict):
             return f"rerun 'raysys zoo align {aligned.get('source', 'SRC')} --out {self.root}' with the same options"
+        imported = self.manifest.get("imported")
+        if isinstance(imported, dict):
+            return (f"rerun 'raysys zoo import-modelzoos {imported.get('source', 'SRC')} --out {self.root}' with the "
+                    f"same options")
         return f"rerun 'raysys zoo generate CONFIG --out {self.root}' with the zoo's config"
 
     def table(self, columns: list[str] | None = None, epochs: Iterable[int] | None = None,
