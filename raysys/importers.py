@@ -423,9 +423,11 @@ def _identity(src: Path, trial_names: list[str], options: dict) -> dict:
 
 def _manifest(plan: Plan, identity: dict, name: str, dataset: dict, splits: list[str], shards: list[dict],
               status: str, split_seed: int) -> dict:
+    from raysys.provenance import STORE_FORMAT
+
     layout = architectures.layout_of(plan.arch, plan.in_channels, plan.num_classes)
     return {
-        "raysys_version": __version__, "name": name, "arch": plan.arch, "status": status,
+        "raysys_version": __version__, "name": name, "arch": plan.arch, "status": status, "store_format": STORE_FORMAT,
         "num_models": len(plan.trials), "epochs": plan.last_epoch, "first_epoch": plan.first_epoch,
         "num_params": layout.num_params, "layout": layout.to_dict(), "dataset": dataset, "config": None,
         "split_seed": split_seed, "split_counts": {s: splits.count(s) for s in ("train", "val", "test")},

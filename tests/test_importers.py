@@ -180,6 +180,9 @@ def test_import_cnn_s_zoo(cnn_s_zoo, tmp_path, capsys):
     assert m["arch"] == "cnn_s" and m["num_models"] == 4 and m["epochs"] == EPOCHS and m["first_epoch"] == 0
     assert m["imported"]["trials"] == kept and len(m["imported"]["skipped"]) == 2
     assert m["dataset"]["name"] == "mnist" and m["status"] == "complete"
+    from raysys.provenance import STORE_FORMAT
+
+    assert m["store_format"] == STORE_FORMAT
     assert len(m["shards"]) == 2 and m["splits"] == splits_for(4, 0)
     W, meta = zoo.weights()
     assert W.shape == (4 * (EPOCHS + 1), 2464)
