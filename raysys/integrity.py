@@ -343,7 +343,10 @@ def check_tracking_uri(uri: str | None) -> str:
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):  # noqa: S310 - http(s)
+            # without user:password@ (urllib takes it for the host); a server that wants them answers 401: reached
+            host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname or ""
+            probe = parsed._replace(netloc=host + (f":{parsed.port}" if parsed.port else "")).geturl()
+            with urllib.request.urlopen(probe.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):  # noqa: S310 - http(s)
                 pass
         except urllib.error.HTTPError:
             pass  # something answered: an MLflow behind a proxy may not expose /health

@@ -34,7 +34,7 @@ def check_backend_store_uri(uri: str) -> str:
     if scheme in SQL_SCHEMES:
         return uri
     raise ConfigError(
-        f"backend store '{uri}' is not supported: MLflow 3 refuses the file store, and raysys needs a database. "
+        f"backend store '{mask_uri(uri)}' is not supported: MLflow 3 refuses the file store, and raysys needs a database. "
         f"Use sqlite:////abs/path/mlflow.db on one machine or postgresql://user@host/db on a shared server.")
 
 

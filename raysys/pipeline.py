@@ -39,7 +39,7 @@ from raysys.provenance import code_fingerprint, describe, same_code
 from raysys.tracking import mask_uri
 
 STAGE_FILE = "stage.json"
-TRACKING_FILE = "tracking.json"  # the MLflow URI of the run into DIR, for reruns
+TRACKING_FILE = "tracking.json"  # the MLflow URI of the run into DIR (password masked), for reruns
 LOCK_FILE = ".lock"  # while a pipeline runs into DIR: one pipeline per output directory (raysys.store.WriterLock)
 EXPERIMENTS = {"zoo": "raysys-zoo", "hyperrep": "raysys-hyperrep", "populations": "raysys-populations",
                "pipeline": "raysys-pipeline"}
@@ -76,7 +76,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
             WriterLock(out, "raysys pipeline", path=out / LOCK_FILE):
         uri = tracking_uri(config, out)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / TRACKING_FILE, {"tracking_uri": uri})
+        record_tracking_uri(out, uri)
         stages["zoo"].mlflow.tracking_uri = uri
         stages["populations"].mlflow.tracking_uri = uri
         ensure_experiments(uri, [stages["zoo"].mlflow.experiment, EXPERIMENTS["hyperrep"],
@@ -412,8 +412,16 @@ def tracking_uri(config: PipelineConfig, out: Path) -> str:
     uri = config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         recorded = read_json(out / TRACKING_FILE).get("tracking_uri")
+        # kept without its password: from $MLFLOW_TRACKING_URI or $MLFLOW_TRACKING_USERNAME/PASSWORD
+        recorded = recorded and tracking.with_credentials(recorded)
         uri = recorded or (f"sqlite:///{out / 'mlflow.db'}" if (out / "mlflow.db").is_file() else None)
     return tracking.resolve_tracking_uri(uri)
+
+
+def record_tracking_uri(out: Path, uri: str) -> None:
+    """DIR/tracking.json: the URI a rerun logs to, without its password (:func:`tracking_uri` takes that from
+    ``$MLFLOW_TRACKING_URI`` or ``$MLFLOW_TRACKING_USERNAME``/``$MLFLOW_TRACKING_PASSWORD``)."""
+    atomic_write_json(out / TRACKING_FILE, {"tracking_uri": mask_uri(uri)})
 
 
 def ensure_experiments(uri: str, names: list[str]) -> None:

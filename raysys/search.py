@@ -534,7 +534,7 @@ def child_run(tracking: dict, trial_id: str, sampler: dict | None = None, create
 
     from raysys.tracking import client as mlflow_client
 
-    c = mlflow_client(tracking["tracking_uri"])
+    c = mlflow_client(live_uri(tracking["tracking_uri"]))
     found = c.search_runs([tracking["experiment_id"]], filter_string=(
         f"tags.raysys_trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{tracking['parent_run_id']}'"))
     if found or not create:
@@ -639,7 +639,7 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking: d
             run_id = child_run(tracking, trial.trial_id, create=False)
             if run_id is None:  # the trial failed before it could create its run
                 return
-            c = mlflow_client(tracking["tracking_uri"])
+            c = mlflow_client(live_uri(tracking["tracking_uri"]))
             c.set_tag(run_id, "raysys.status", status)
             c.set_terminated(run_id, run_status)
 
@@ -701,6 +701,25 @@ def _ensure_ray(search: SearchConfig, address: str | None = None) -> None:
                           f"{have.get('CPU', 0)} CPUs. Use e.g. --set resources.cpu=1.")
 
 
+# masked URI -> the URI with its password, in this (the driver's) process only: never written to disk
+_LIVE_URIS: dict[str, str] = {}
+
+
+def live_uri(uri: str) -> str:
+    """The URI to talk to for one that may be masked (a callback's, restored from tuner.pkl)."""
+    from raysys.tracking import with_credentials
+
+    return _LIVE_URIS.get(uri) or with_credentials(uri)
+
+
+def write_state(out: Path, state: dict) -> None:
+    """``OUT/state.json``: the search's MLflow parent run, its tracking URI without the password (a resume takes
+    it from the URI passed again or from $MLFLOW_TRACKING_USERNAME/PASSWORD, :func:`raysys.tracking.with_credentials`)."""
+    from raysys.tracking import mask_secrets
+
+    atomic_write_json(out / "state.json", mask_secrets(state))
+
+
 def _start_parent(search: SearchConfig, tracking_uri: str, out: Path, zoo_dir: str) -> dict:
     from raysys.tracking import client, experiment_id, flatten_params
     from mlflow.entities import Param
@@ -730,7 +749,7 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
     """
     from ray import tune
 
-    from raysys.tracking import client as mlflow_client, resolve_tracking_uri
+    from raysys.tracking import client as mlflow_client, mask_secrets, mask_uri, resolve_tracking_uri, with_credentials
 
     if "://" in str(out_dir):
         raise RaysysError(f"--out {out_dir}: the search writes through the filesystem. Use a local path, or on a "
@@ -744,12 +763,16 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
         if not (tune.Tuner.can_restore(str(exp_path)) and (out / "state.json").exists()):
             raise RaysysError(f"--resume: no search to resume in {out}. Run without --resume to start one.")
         previous = validate(SearchConfig, read_yaml(saved), source=str(saved))
-        if previous != search:
-            changed = sorted(k for k in type(search).model_fields if getattr(previous, k) != getattr(search, k))
+        masked = validate(SearchConfig, mask_secrets(search.model_dump(mode="json")))  # as saved
+        if previous != masked:
+            changed = sorted(k for k in type(search).model_fields if getattr(previous, k) != getattr(masked, k))
             raise RaysysError(f"--resume: the search config differs from the one {out} was started with "
                               f"(changed: {', '.join(changed)}). Resume with the original config ({saved}), "
                               f"or start a new search with another --out.")
         state = json.loads((out / "state.json").read_text())
+        # stored without its password: from the URI passed again, or $MLFLOW_TRACKING_USERNAME/PASSWORD
+        state["tracking_uri"] = with_credentials(state["tracking_uri"], tracking_uri or search.mlflow.tracking_uri)
+        write_state(out, state)  # a state.json of a raysys that kept the password: masked from now on
         if state["zoo"] != zoo_dir:
             raise RaysysError(f"--resume: this search ran on zoo {state['zoo']}, not {zoo_dir}. Pass --zoo {state['zoo']}.")
     else:
@@ -758,9 +781,9 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
         window_epochs(open_zoo(zoo_dir), base)  # a wrong window fails here, not in every trial
         uri = resolve_tracking_uri(tracking_uri or search.mlflow.tracking_uri)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(saved, yaml.safe_dump(search.model_dump(mode="json"), sort_keys=False).encode())
+        atomic_write_bytes(saved, yaml.safe_dump(mask_secrets(search.model_dump(mode="json")), sort_keys=False).encode())
         state = _start_parent(search, uri, out, zoo_dir)
-        atomic_write_json(out / "state.json", state)
+        write_state(out, state)
 
     _ensure_ray(search, address)
     _PROGRESS["show"] = progress
@@ -768,6 +791,7 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
     max_epochs = _max_epochs(search, base)
     tracking = {**{k: state[k] for k in ("tracking_uri", "experiment_id", "parent_run_id")},
                 "experiment": search.mlflow.experiment}
+    _LIVE_URIS[mask_uri(state["tracking_uri"])] = state["tracking_uri"]
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, search=search.model_dump(mode="json"), zoo_dir=zoo_dir, tracking=tracking),
         {"cpu": search.resources.cpu, "gpu": search.resources.gpu})
@@ -787,7 +811,9 @@ def run_search(search: SearchConfig, zoo_dir: str | Path, out_dir: str | Path, r
                                         reuse_actors=True),  # no process start + imports per trial
             run_config=tune.RunConfig(
                 name=exp_path.name, storage_path=str(exp_path.parent), verbose=0,
-                callbacks=_make_callbacks(str(out), search, max_epochs, tracking),
+                # the callbacks are pickled into the experiment's tuner.pkl: they hold the masked URI
+                callbacks=_make_callbacks(str(out), search, max_epochs,
+                                          {**tracking, "tracking_uri": mask_uri(tracking["tracking_uri"])}),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 failure_config=tune.FailureConfig(max_failures=search.resources.max_failures)))
     try:

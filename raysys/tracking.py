@@ -29,7 +29,12 @@ MODEL_TRAINING = "custom_model_development"
 # tables...", alembic's "Context impl SQLiteImpl."): raysys says where runs go itself.
 QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
-CREDENTIALS = re.compile(r"(://[^/\s:@]+):[^/\s@]+@")
+# user:password@ in a URI; the password may hold '@' (the last one before the path ends it)
+CREDENTIALS = re.compile(r"(://[^/\s:@]+):[^/\s]+@")
+MASKED = ":***@"
+# MLflow's own variables for HTTP basic auth (mlflow.environment_variables); raysys reads them to resume
+# from a URI it stored masked.
+USERNAME_ENV, PASSWORD_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 
 
 class TrackingError(RaysysError):
@@ -88,6 +93,37 @@ def mask_uri(text: str) -> str:
     return CREDENTIALS.sub(r"\1:***@", text)
 
 
+def mask_secrets(obj: Any) -> Any:
+    """``obj`` (dicts, lists, strings) with :func:`mask_uri` applied to every string: what may be written to disk."""
+    if isinstance(obj, str):
+        return mask_uri(obj)
+    if isinstance(obj, dict):
+        return {k: mask_secrets(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [mask_secrets(v) for v in obj]
+    return obj
+
+
+def with_credentials(stored: str, given: str | None = None) -> str:
+    """The URI to talk to, from one raysys wrote to disk masked (``http://user:***@host``).
+
+    ``given`` (the URI the user passes again) or ``$MLFLOW_TRACKING_URI`` when it masks to ``stored``; else the password from
+    ``$MLFLOW_TRACKING_PASSWORD`` (and the user from ``$MLFLOW_TRACKING_USERNAME``, else the URI's); a URI
+    without a masked password comes back as it is. Otherwise a :class:`TrackingError` naming both ways.
+    """
+    for uri in (given, os.environ.get("MLFLOW_TRACKING_URI")):
+        if uri and mask_uri(uri) == stored:
+            return uri
+    if MASKED not in stored:
+        return stored
+    password = os.environ.get(PASSWORD_ENV)
+    if password:
+        head, tail = stored.split(MASKED, 1)
+        scheme, user = head.rsplit("://", 1)
+        return f"{scheme}://{os.environ.get(USERNAME_ENV) or user}:{password}@{tail}"
+    raise TrackingError(f"the tracking URI was stored without its password ({stored}). Pass it again "
+                        f"(--tracking-uri), or set {USERNAME_ENV} and {PASSWORD_ENV}.")
+
 @contextmanager
 def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = None,
               tags: dict[str, str] | None = None, params: dict | None = None,
@@ -103,12 +139,13 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
 
     quiet_logs()
     uri = check_tracking_uri(tracking_uri)  # resolves it too
+    no_links_with_passwords(uri)
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.set_experiment(experiment_id=experiment_id(uri, experiment))
     except Exception as err:  # an unreachable server or a locked/corrupt db: say where and how to fix
-        raise TrackingError(f"cannot open MLflow experiment '{experiment}' at {uri}: {err}. "
-                            f"Check --tracking-uri (or mlflow.tracking_uri in the config).") from None
+        raise TrackingError(mask_uri(f"cannot open MLflow experiment '{experiment}' at {uri}: {err}. "
+                                     f"Check --tracking-uri (or mlflow.tracking_uri in the config).")) from None
     with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags) as run:
         if params:
             flat = flatten_params(params)
@@ -165,9 +202,18 @@ def quiet_logs() -> None:
             logger.setLevel(logging.WARNING)
 
 
+def no_links_with_passwords(uri: str) -> None:
+    """MLflow prints a link to every run it ends on a server ("View run ... at: http://user:pw@host/..."):
+    not when the URI holds a password."""
+    if CREDENTIALS.search(uri):
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+
+
 def client(tracking_uri: str | None = None):
     """An ``MlflowClient`` on the resolved URI (thread-safe logging from a progress thread)."""
     from mlflow.tracking import MlflowClient
 
     quiet_logs()
-    return MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+    uri = resolve_tracking_uri(tracking_uri)
+    no_links_with_passwords(uri)
+    return MlflowClient(tracking_uri=uri)

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import re
 from pathlib import Path
 
@@ -235,3 +236,131 @@ def test_a_password_in_a_tracking_uri_is_masked_in_errors_and_server_output(caps
                      "--backend-store-uri", "postgresql://alice:s3cretpw@db:5432/mlflow"]) == 0
     out = capsys.readouterr()
     assert "s3cretpw" not in out.out + out.err and "alice:***@db" in out.out + out.err
+
+
+# --- item 6: a password in the tracking URI is never written -----------------------------------------
+
+PASSWORD = "hunter2-x9q"  # noqa: S105 - the test's own fake password ('secret' is in MLflow's schema)
+SECRET_URI = "http://alice:" + PASSWORD + "@127.0.0.1:{port}"
+
+
+def _files_with(root: Path, needle: bytes) -> list[str]:
+    return [str(p) for p in Path(root).rglob("*") if p.is_file() and needle in p.read_bytes()]
+
+
+def test_state_and_records_written_with_a_password_uri_hold_no_password(tmp_path, monkeypatch):
+    """The lowest-level writers (no server): the search's state.json, the pipeline's tracking.json, the
+    populations' results config; a resume takes the password from the URI passed again, $MLFLOW_TRACKING_URI,
+    or MLflow's $MLFLOW_TRACKING_USERNAME/PASSWORD, and otherwise says so."""
+    from raysys import pipeline, search
+    from raysys.tracking import TrackingError, mask_secrets, with_credentials
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    uri = SECRET_URI.format(port=5000)
+    search.write_state(tmp_path, {"tracking_uri": uri, "experiment_id": "1", "parent_run_id": "r", "zoo": "/z"})
+    cfg = pipeline.load_config(REPO / "configs" / "pipeline" / "tiny.yaml", [f"tracking_uri={uri}"])
+    out = tmp_path / "run"
+    out.mkdir()
+    pipeline.record_tracking_uri(out, uri)
+    assert mask_secrets({"a": [uri, 1], "b": None}) == {"a": ["http://alice:***@127.0.0.1:5000", 1], "b": None}
+    assert not _files_with(tmp_path, PASSWORD.encode())
+    stored = json.loads((tmp_path / "state.json").read_text())["tracking_uri"]
+    assert stored == "http://alice:***@127.0.0.1:5000"
+
+    with pytest.raises(TrackingError, match="MLFLOW_TRACKING_PASSWORD") as err:
+        with_credentials(stored)
+    assert "--tracking-uri" in str(err.value) and PASSWORD not in str(err.value)
+    assert with_credentials(stored, uri) == uri  # the URI passed again
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    assert with_credentials(stored) == uri
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "carol")
+    assert with_credentials(stored) == f"http://carol:{PASSWORD}@127.0.0.1:5000"
+    assert with_credentials("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    # the pipeline's rerun: the recorded (masked) URI plus the password from the environment
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    cfg.tracking_uri = None
+    assert pipeline.tracking_uri(cfg, out) == uri
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` (no auth: it ignores the basic-auth header) on a free local port."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from raysys.mlflow_server import server_command
+
+    port = _free_port()
+    cmd = server_command("127.0.0.1", port, f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}",
+                         str(tmp_path / "server" / "artifacts"))
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)  # noqa: S603
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)  # noqa: S310
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield port, tmp_path / "server"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_search_with_a_password_uri_writes_it_nowhere_and_resumes_from_the_environment(
+        tmp_path, mlflow_server, ray_local, monkeypatch, capsys):
+    """A real search against a real MLflow server through http://alice:PASSWORD@...: no file the search wrote
+    (state.json, search_config.yaml, Tune's tuner.pkl and trial files, results), nothing MLflow stored (params,
+    tags, artifacts) and nothing printed holds the password; --resume with MLflow's $MLFLOW_TRACKING_PASSWORD
+    finds the parent run again."""
+    from tests.test_search import TINY_BASE, make_zoo, search_config
+
+    from raysys.search import run_search
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(var, raising=False)
+    port, server_dir = mlflow_server
+    uri = SECRET_URI.format(port=port)
+    zoo, out = make_zoo(tmp_path / "zoo"), tmp_path / "search"
+    cfg = search_config(num_samples=1, max_concurrent=1, objectives=["recon_r2"],
+                        base={**TINY_BASE, "train": {**TINY_BASE["train"], "epochs": 1, "epoch_window": [1, 2]}})
+    run_search(cfg, zoo, out, tracking_uri=uri, progress=False)  # as --tracking-uri passes it
+    state = json.loads((out / "state.json").read_text())
+    assert state["tracking_uri"] == f"http://alice:***@127.0.0.1:{port}"
+    assert (out / "tune" / "search" / "tuner.pkl").exists()
+    assert not _files_with(out, PASSWORD.encode()), "password written to disk"
+    assert not _files_with(server_dir, PASSWORD.encode()), "password reached MLflow"
+    printed = capsys.readouterr()
+    assert PASSWORD not in printed.out + printed.err
+
+    # the pipeline's MLflow run (as run_pipeline links it): params, tags, and the report's URI are masked
+    from raysys import pipeline
+
+    linked = pipeline.link_runs(uri, pipeline.load_config(REPO / "configs" / "pipeline" / "tiny.yaml"),
+                                tmp_path / "run", {"zoo": None}, {"hashes": {"zoo": "abc"}})
+    assert linked["tracking_uri"] == f"http://alice:***@127.0.0.1:{port}"
+    assert not _files_with(server_dir, PASSWORD.encode())
+
+    from raysys.config import RaysysError
+
+    with pytest.raises(RaysysError, match="MLFLOW_TRACKING_PASSWORD"):
+        run_search(cfg, zoo, out, resume=True, progress=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORD)
+    run_search(cfg, zoo, out, resume=True, progress=False)  # the parent run is found on the server again
+    printed = capsys.readouterr()
+    assert PASSWORD not in printed.out + printed.err
+    assert not _files_with(out, PASSWORD.encode()) and not _files_with(server_dir, PASSWORD.encode())

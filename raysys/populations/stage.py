@@ -442,7 +442,7 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
     results = {"zoo": str(Path(zoo_dir).resolve()), "zoo_name": Path(zoo_dir).name, "arch": arch,
                "dataset": view.dataset_name, "num_models": cfg.num_models, "budgets": budgets,
                "reference_epochs": ref_epochs, "num_anchors": int(len(W_anchor)),
-               "config": cfg.model_dump(mode="json"), "populations": populations, "skipped": skipped}
+               "config": tracking.mask_secrets(cfg.model_dump(mode="json")), "populations": populations, "skipped": skipped}
     atomic_write_json(out / "results.json", results)
     results["report_files"] = report.write_report(results, out)
     if tracker is not None:
