@@ -153,6 +153,21 @@ def test_cluster_nodes_use_token_auth_and_a_local_dashboard(path):
     assert heads and all("--dashboard-host=127.0.0.1" in c for c in heads), heads
 
 
+@pytest.mark.parametrize("path", CLUSTERS, ids=[p.name for p in CLUSTERS])
+def test_the_mlflow_server_of_a_cluster_listens_on_one_private_address_not_every_interface(path):
+    """Item 6: the head's MLflow server has no auth on sqlite: it binds the head's private address (the one the
+    nodes' MLFLOW_TRACKING_URI names), never 0.0.0.0; and the docs name the basic-auth app and PostgreSQL."""
+    config = yaml.safe_load(path.read_text())
+    serve = [c for c in config.get("head_start_ray_commands", []) if "mlflow serve" in c or "mlflow server" in c]
+    assert serve, f"{path.name} starts no MLflow server"
+    for command in serve:
+        host = re.search(r"--host[ =](\S+)", command)
+        assert host and host.group(1) not in ("0.0.0.0", "::", "[::]"), command  # noqa: S104
+    text = path.read_text() + (REPO / "README.md").read_text()
+    assert "0.0.0.0" not in path.read_text()  # noqa: S104
+    assert "--app-name basic-auth" in text and "postgresql://" in text
+
+
 def test_every_documented_job_submission_uses_token_auth():
     files = [*CLUSTERS, *REPO.glob("jobs/*.py"), *REPO.glob("jobs/*.yaml"), *REPO.glob("docs/*.md"), REPO / "README.md"]
     examples = []
