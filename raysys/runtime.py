@@ -132,13 +132,37 @@ RAY_NOISE = (
 )
 
 
+# Warnings Ray's actors print *with a traceback* that say nothing about the user's work: the line and the
+# traceback under it go. Ray Train's controller asks the (absent, on a local Ray) autoscaler for resources
+# and logs each 5 s timeout on a busy CPU with its stack; Ray itself calls it safe to ignore.
+RAY_NOISE_WITH_TRACEBACK = ("Failed to send resource request for train-",)
+
+
+def _drop_noise(lines: list[str]) -> list[str]:
+    kept, in_traceback = [], False
+    for line in lines:
+        if any(n in line for n in RAY_NOISE_WITH_TRACEBACK):
+            in_traceback = True  # this line, then its "Traceback ...", indented frames and the exception line
+            continue
+        if in_traceback:
+            if line.startswith(("Traceback", " ", "\t")) or not line.strip():
+                continue
+            in_traceback = False
+            if line.split(":")[0].replace(".", "").replace("_", "").isalnum() and ":" in line:
+                continue  # the exception line closing the traceback, e.g. "ray.exceptions.GetTimeoutError: ..."
+        if not any(n in line for n in RAY_NOISE):
+            kept.append(line)
+    return kept
+
+
 def quiet_handler(handler):
-    """``handler`` (of Ray's forwarded worker output) without the lines in :data:`RAY_NOISE`."""
+    """``handler`` (of Ray's forwarded worker output) without the lines in :data:`RAY_NOISE` and the warnings of
+    :data:`RAY_NOISE_WITH_TRACEBACK` with their tracebacks."""
     if getattr(handler, "raysys_quiet", False):
         return handler
 
     def handle(data):
-        lines = [line for line in data.get("lines", []) if not any(n in line for n in RAY_NOISE)]
+        lines = _drop_noise(data.get("lines", []))
         if lines:
             handler({**data, "lines": lines})
 

@@ -285,3 +285,22 @@ def test_worker_log_filter_drops_only_ray_noise():
     handler({"lines": [noise, "RuntimeError: a real error"], "is_err": True})
     handler({"lines": [noise], "is_err": True})
     assert got == [["RuntimeError: a real error"]]
+
+
+def test_worker_log_filter_drops_a_noisy_warning_with_its_traceback_and_keeps_the_next_error():
+    got = []
+    handler = runtime.quiet_handler(lambda data: got.append(data["lines"]))
+    handler({"lines": [
+        "Failed to send resource request for train-c6d4. If this only happens transiently during network partition "
+        "or CPU being overloaded, it's safe to ignore this error. If this error persists, file a GitHub issue.",
+        "Traceback (most recent call last):",
+        '  File "autoscaling_coordinator_client.py", line 57, in send_resource_request',
+        "    ray.get(",
+        "           ^^^^^^^^^^^^^^^^^^^",
+        "ray.exceptions.GetTimeoutError: Get timed out: some object(s) not ready.",
+        "Traceback (most recent call last):",
+        '  File "train_fn.py", line 3, in train',
+        "ValueError: the user's own error",
+    ], "is_err": True})
+    assert got == [["Traceback (most recent call last):", '  File "train_fn.py", line 3, in train',
+                    "ValueError: the user's own error"]]
