@@ -173,7 +173,7 @@ class SearchConfig(Config):
     asha: Asha = Asha()
     eval_every: int = Field(1, gt=0, description="epochs between objective evaluations (the last epoch always counts)")
     data_root: str | None = Field(None, description="where on-disk image datasets live (mnist, cifar10, ...), for sample_acc")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     mlflow: MlflowSettings = MlflowSettings()
 
     @model_validator(mode="after")
@@ -260,6 +260,11 @@ class DefineByRun:
             raise ConfigError(f"space.{self.d_key} must be an int range or categorical (it is a width), not a float range.")
         if self.h_key and self.heads_values is None:
             raise ConfigError(f"space.{self.h_key} must be an int range or categorical, not a float range.")
+        for key, values in ((self.d_key, self.d_values), (self.h_key, self.heads_values)):
+            wrong = [v for v in values or [] if not isinstance(v, int) or isinstance(v, bool) or v < 1] if key else []
+            if wrong:
+                raise ConfigError(f"space.{key} must hold positive integers (it is a width or a head count), "
+                                  f"got {', '.join(map(repr, wrong))}. Fix its choices (or low/high).")
         bad = [d for d in self.d_values if not self.valid_heads(d)]
         if bad:
             shown = ", ".join(map(str, bad[:8])) + (" ..." if len(bad) > 8 else "")

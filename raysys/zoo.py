@@ -104,7 +104,7 @@ class RandomSeeds(Config):
     """``random`` seeds per grid point drawn from an RNG seeded by ``seed`` (``Hyp-10-rand``)."""
 
     random: int = Field(ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy refuses negative seeds
 
 
 class ResourcesConfig(Config):
@@ -128,7 +128,7 @@ class ZooConfig(Config):
     seeds: Union[list[int], SeedRange, RandomSeeds]
     models: int | None = Field(None, ge=1)  # keep only the first N models of the grid (--models)
     epochs: int = Field(ge=1)
-    split_seed: int = 0
+    split_seed: int = Field(0, ge=0)
     models_per_shard: int = Field(50, ge=1)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray started by raysys (raysys.runtime)

@@ -333,3 +333,142 @@ def test_output_dir_check(tmp_path):
         check_output_dir(tmp_path / "f")
     with pytest.raises(RaysysError, match="cannot be created"):
         check_output_dir(tmp_path / "f" / "sub")
+
+
+# --- every leaf of every shipped config (issue 14, item 10) --------------------------------------------------
+# Validation only, through the loader each CLI command uses: for each leaf of each config in configs/ (YAML
+# walked; a list of scalars is a leaf and so is each of its elements), a wrong type, a negative value (numbers)
+# and an out-of-range value (fractions) must give one ConfigError that names the key, and write nothing.
+
+def _load_pipeline(path: Path):
+    from raysys import pipeline
+
+    cfg = pipeline.load_config(path)
+    pipeline.stage_configs(cfg, path.parent)  # what 'raysys pipeline' validates before anything runs
+
+
+def _loaders() -> dict:
+    from raysys import search, zoo
+    from raysys.config import load
+    from raysys.hyperrep.config import HyperRepConfig
+    from raysys.populations import PopulationsConfig
+
+    return {"zoo": zoo.load_config, "hyperrep": lambda p: load(HyperRepConfig, p),
+            "populations": lambda p: load(PopulationsConfig, p), "search": search.load_search,
+            "pipeline": _load_pipeline}
+
+
+KINDS = ("zoo", "hyperrep", "populations", "search", "pipeline")
+FRACTIONS = {"dropout", "beta", "erase_p", "erase_low", "erase_high", "top_fraction"}  # in [0, 1]
+# Leaves that legitimately take any value, and why: (kind, dotted path prefix; '#' stands for a list index).
+ACCEPTS_ANY = {
+    ("zoo", "dataset.options"): "free-form keyword arguments of the dataset loader, checked by it when the zoo is made",
+    ("pipeline", "zoo.dataset.options"): "the same, embedded in a pipeline",
+}
+
+
+def _leaves(node, path=()):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, (*path, k))
+    elif isinstance(node, list) and node and not any(isinstance(x, (dict, list)) for x in node):
+        yield path, node
+        for i, x in enumerate(node):
+            yield (*path, i), x
+    elif isinstance(node, list):
+        for i, x in enumerate(node):
+            yield from _leaves(x, (*path, i))
+    else:
+        yield path, node
+
+
+def _mutations(path: tuple, value):
+    keys = [p for p in path if isinstance(p, str)]
+    if isinstance(value, bool):
+        yield "wrong type", "yes please"
+    elif isinstance(value, (int, float)):
+        yield "wrong type", "not a number"
+        yield "negative", -abs(value) - 1
+        if keys[-1] in FRACTIONS or (keys[0] == "space" and len(keys) > 1 and keys[1] in FRACTIONS):
+            yield "out of range", 1.5
+    elif isinstance(value, (str, list)) or value is None:
+        yield "wrong type", {"not": "this"}
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(p if isinstance(p, str) else "#" for p in path)
+
+
+def _skip(kind: str, path: tuple) -> str | None:
+    dotted = _dotted(path)
+    for (k, prefix), why in ACCEPTS_ANY.items():
+        if k == kind and (dotted == prefix or dotted.startswith(prefix + ".")):
+            return why
+    return None
+
+
+def _leaf_cases():
+    seen, cases = set(), []
+    for kind in KINDS:
+        for file in sorted((REPO / "configs" / kind).glob("*.yaml")):
+            data = yaml.safe_load(file.read_text())
+            for path, value in _leaves(data):
+                for how, bad in _mutations(path, value):
+                    key = (kind, _dotted(path), how)
+                    if key in seen or _skip(kind, path):
+                        continue
+                    seen.add(key)
+                    cases.append(pytest.param(kind, file, path, bad, id=f"{kind}:{_dotted(path)}:{how.replace(' ', '_')}"))
+    return cases
+
+
+LEAF_CASES = _leaf_cases()
+
+
+def test_the_leaf_table_covers_every_config_kind_and_names_its_skips():
+    kinds = {c.values[0] for c in LEAF_CASES}
+    assert kinds == set(KINDS) and len(LEAF_CASES) > 150, (kinds, len(LEAF_CASES))
+    assert all(why for why in ACCEPTS_ANY.values())  # every skip says why
+
+
+@pytest.fixture(scope="module")
+def configs_copy(tmp_path_factory) -> Path:
+    """configs/ copied, so that a probe sits beside the files its relative paths name without ever being in the
+    checkout (where another test's glob would find it)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("configs-copy") / "configs"
+    shutil.copytree(REPO / "configs", root)
+    return root
+
+
+@pytest.mark.parametrize("kind,file,path,bad", LEAF_CASES)
+def test_every_leaf_of_every_shipped_config_set_wrong_is_one_error_naming_it(kind, file, path, bad, tmp_path,
+                                                                             monkeypatch, configs_copy):
+    from raysys.config import RaysysError
+
+    file = configs_copy / file.relative_to(REPO / "configs")
+
+    data = yaml.safe_load(file.read_text())
+    node = data
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = bad
+    # beside the original's copy, so that relative paths (a search's base_config, a pipeline's stage files)
+    # resolve; the working directory is a fresh tmp dir that must stay empty
+    before = sorted(p.name for p in file.parent.iterdir())
+    probe = file.parent / f".leaf-{os.getpid()}-{file.name}"
+    probe.write_text(yaml.safe_dump(data, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(RaysysError) as err:
+            _loaders()[kind](probe)
+    finally:
+        probe.unlink()
+    msg = str(err.value)
+    keys = [p for p in path if isinstance(p, str)]
+    names = {".".join(keys), keys[-1]} | ({f"space.{keys[1]}"} if keys[0] == "space" and len(keys) > 1 else set())
+    assert any(n in msg for n in names), f"{_dotted(path)} = {bad!r}: the error does not name the key:\n{msg}"
+    assert "Traceback" not in msg
+    assert not list(tmp_path.iterdir()), list(tmp_path.iterdir())  # nothing written
+    assert sorted(p.name for p in file.parent.iterdir()) == before

@@ -59,7 +59,7 @@ class TrainConfig(Config):
     keep: Literal["best", "last"] = Field("best", description="checkpoint kept: 'best' validation reconstruction "
                                           "(with early stopping after `patience`), or the 'last' epoch (no early stopping)")
     epoch_window: tuple[int, int] = Field((21, 25), description="zoo epochs used as training data, inclusive")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: the forward pass under bfloat16 autocast "
                                                 "(CUDA; CPUs with AVX512-BF16 or AMX — elsewhere it is slower), losses in fp32")

@@ -70,7 +70,7 @@ class FinetuneConfig(Config):
     lr: float | None = Field(None, gt=0)
     weight_decay: float | None = Field(None, ge=0)
     batch_size: int | None = Field(None, ge=1)
-    seed: int = Field(1_000_000, description="fine-tuning seeds (data order, dropout; B_T init) are seed + i")
+    seed: int = Field(1_000_000, ge=0, description="fine-tuning seeds (data order, dropout; B_T init) are seed + i")
     num_actors: int = Field(2, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
@@ -106,7 +106,7 @@ class TrackingConfig(Config):
 
 
 class PopulationsConfig(Config):
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     num_models: int = Field(50, ge=2)
     # Zoo epochs whose training-split states are the KDE anchors; None = the autoencoder's own
     # training window (its config's train.epoch_window), e.g. 21..25 (000 §4.1).
