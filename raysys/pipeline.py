@@ -13,7 +13,9 @@ Output directory::
 
 (A zoo directory keeps its ``stage.json`` in ``__raysys__/``, so that the directory stays a plain
 Parquet dataset.) A stage is skipped when its ``stage.json`` records the hash of the config that produced it (and of
-everything upstream); a changed config redoes that stage and every stage after it. Every stage
+everything upstream); a changed config redoes that stage and every stage after it. An interrupted stage
+is redone, except the zoo (its complete shards are kept) and an autoencoder, which continues from its
+``resume/`` state (:func:`autoencoder_resumable`). Every stage
 logs to MLflow; the pipeline's own run (experiment ``raysys-pipeline``) links the stage runs, and
 each stage run is tagged with its parents (``raysys.parent_zoo_run``, ``raysys.parent_hyperrep_run``).
 """
@@ -40,6 +42,7 @@ from raysys.tracking import mask_uri
 
 STAGE_FILE = "stage.json"
 TRACKING_FILE = "tracking.json"  # the MLflow URI of the run into DIR (password masked), for reruns
+RUNNING_FILE = ".running.json"  # the hash of the run in progress in a stage directory whose work can resume
 LOCK_FILE = ".lock"  # while a pipeline runs into DIR: one pipeline per output directory (raysys.store.WriterLock)
 EXPERIMENTS = {"zoo": "raysys-zoo", "hyperrep": "raysys-hyperrep", "populations": "raysys-populations",
                "pipeline": "raysys-pipeline"}
@@ -85,7 +88,7 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
         legacy = stage_hashes(config, stages, code=False)  # what records written before code fingerprints hold
         runs: dict[str, str | None] = {}
 
-        def stage(name: str, work: Callable[[Path], str | None], resumable: bool = False,
+        def stage(name: str, work: Callable[[Path], str | None], resumable: bool | Callable[[Path], bool] = False,
                   inputs: tuple[str, ...] = ()) -> str | None:
             return run_stage(out / name, h[name], work, resumable, before=start_ray,  # Ray only if work is left
                              inputs={i: out / i for i in inputs}, code=code_fingerprint(name),
@@ -99,13 +102,14 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
             zoo_dir = out / "zoo_aligned"
         runs["hyperrep"] = stage("hyperrep", lambda d: train_autoencoder(
             stages["hyperrep"], zoo_dir, d, uri, config.evaluate, config.hyperrep_gpus, progress),
-            inputs=(zoo_dir.name,))
+            inputs=(zoo_dir.name,), resumable=autoencoder_resumable(stages["hyperrep"], zoo_dir))
         runs["hyperrep_eval"] = read_json(out / "hyperrep" / "eval" / "eval.json").get("mlflow_run_id")
         if config.nolwln_baseline:
             nolwln = stages["hyperrep"].model_copy(deep=True)
             nolwln.loss.lwln = False
             runs["hyperrep_nolwln"] = stage("hyperrep_nolwln", lambda d: train_autoencoder(
-                nolwln, zoo_dir, d, uri, False, config.hyperrep_gpus, progress), inputs=(zoo_dir.name,))
+                nolwln, zoo_dir, d, uri, False, config.hyperrep_gpus, progress), inputs=(zoo_dir.name,),
+                resumable=autoencoder_resumable(nolwln, zoo_dir))
         pop_inputs = (zoo_dir.name, "hyperrep", *(("hyperrep_nolwln",) if config.nolwln_baseline else ()))
         runs["populations"] = stage("populations", inputs=pop_inputs, work=lambda d: populations.run_populations(
             stages["populations"], zoo_dir, out / "hyperrep", d,
@@ -255,7 +259,8 @@ def _changed_since(stage_dir: Path, record: dict, inputs: dict[str, Path]) -> tu
     return None
 
 
-def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | None], resumable: bool = False,
+def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | None],
+              resumable: bool | Callable[[Path], bool] = False,
               before: Callable[[], None] | None = None, inputs: dict[str, Path] | None = None,
               code: dict | None = None, legacy_hash: str | None = None) -> str | None:
     """Run ``work(stage_dir)`` unless ``stage_dir`` already holds this hash's output; returns its MLflow run id.
@@ -269,8 +274,16 @@ def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | Non
     ``code``: the fingerprint of the stage's code (kept in the record): a record that names other code is
     redone, never resumed. ``legacy_hash``: the stage's hash as a raysys without code fingerprints computed
     it; a record of such a raysys (no ``code``) with that hash is trusted as before.
+
+    ``resumable`` may also be a check, ``resumable(stage_dir) -> bool``, for a stage whose work resumes from a
+    state it keeps in its directory (the autoencoder's ``resume/``): an interrupted run (no record) is then
+    continued only when the run in progress had this hash (``.running.json``, written before ``work``) and the
+    check accepts the state it left; otherwise the directory is removed and the stage starts fresh, with a line.
     """
     inputs = inputs or {}
+    check = resumable if callable(resumable) else None
+    if check is not None:
+        resumable = record_free_resume(stage_dir, stage_hash, check)
     record = stage_record(stage_dir)
     redo = None
     if record is not None and code is not None and "code" in record and not same_code(record["code"], code):
@@ -294,6 +307,9 @@ def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | Non
             print(f"raysys pipeline: {stage_dir.name}: {why}, redoing", flush=True)
         shutil.rmtree(stage_dir)
     print(f"raysys pipeline: {stage_dir.name}: running", flush=True)
+    if check is not None:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stage_dir / RUNNING_FILE, {"hash": stage_hash})
     if before is not None:
         before()
     t0 = time.time()
@@ -306,7 +322,46 @@ def run_stage(stage_dir: Path, stage_hash: str, work: Callable[[Path], str | Non
                              "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "inputs": input_digests, "outputs": output_digests(stage_dir),
                              **({"code": code} if code is not None else {})})
+    (stage_dir / RUNNING_FILE).unlink(missing_ok=True)
     return run_id
+
+
+def record_free_resume(stage_dir: Path, stage_hash: str, check: Callable[[Path], bool]) -> bool:
+    """Whether the interrupted run in ``stage_dir`` (a directory without a stage record) can be continued: it ran
+    with ``stage_hash`` (same config, code, upstream) and ``check`` accepts what it left. A stage that finished
+    (a record) is judged by :func:`run_stage` itself; this answers False for it and for an empty directory."""
+    if stage_record(stage_dir) is not None or not stage_dir.is_dir():
+        return False
+    running = read_json(stage_dir / RUNNING_FILE) if (stage_dir / RUNNING_FILE).is_file() else {}
+    if running.get("hash") != stage_hash:
+        if running:
+            print(f"raysys pipeline: {stage_dir.name}: the interrupted run had another config or code "
+                  f"({running.get('hash')} -> {stage_hash}), not resuming it", flush=True)
+        return False
+    return check(stage_dir)
+
+
+def autoencoder_resumable(cfg, zoo_dir: Path) -> Callable[[Path], bool]:
+    """The check of :func:`run_stage` for an autoencoder stage: its directory holds a resume state
+    (``resume/state.safetensors``) of this config and this zoo. A state that does not fit (another config or
+    zoo, unreadable) is not resumed: a line names why, and the stage starts again from epoch 1."""
+    def check(stage_dir: Path) -> bool:
+        from raysys.config import RaysysError
+        from raysys.hyperrep.checkpoint import manifest_sha256
+        from raysys.hyperrep.train import RESUME_DIR, RESUME_FILE, load_resume_state
+
+        if not (stage_dir / RESUME_DIR / RESUME_FILE).is_file():
+            return False
+        try:
+            state = load_resume_state(stage_dir, cfg.model_dump(mode="json"), manifest_sha256(zoo_dir))
+        except RaysysError as err:
+            print(f"raysys pipeline: {stage_dir.name}: its resume state does not fit ({err}); "
+                  f"starting again from epoch 1", flush=True)
+            return False
+        print(f"raysys pipeline: {stage_dir.name}: interrupted after epoch {state['epoch']}, "
+              f"resuming at epoch {state['epoch'] + 1}", flush=True)
+        return True
+    return check
 
 
 def align_stage(options, zoo_dir: Path, out_dir: Path, progress: bool) -> None:
@@ -325,8 +380,10 @@ def train_autoencoder(cfg, zoo_dir: Path, out_dir: Path, uri: str, evaluate: boo
         from raysys.hyperrep.evaluate import evaluate as evaluate_autoencoder
         from raysys.hyperrep.train import train
 
+        # resume=True continues from out_dir/resume/ when run_stage kept it (same stage hash, a fitting state);
+        # otherwise run_stage removed the directory and this starts at epoch 1
         summary = train(cfg, zoo_dir, out_dir, tracking_uri=uri, experiment=EXPERIMENTS["hyperrep"],
-                                 progress=progress)
+                        progress=progress, resume=True)
         atomic_write_json(out_dir / "summary.json", summary)  # the report reads it when the stage is skipped
         if evaluate:
             evaluate_autoencoder(out_dir, zoo_dir, out_dir / "eval", tracking_uri=uri)

@@ -6,6 +6,7 @@ twice: the second run must skip every stage).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,34 @@ def test_interrupted_stage_resumes_only_when_resumable(tmp_path):
         assert (d / "partial.parquet").exists() == resumable
 
 
+def test_an_interrupted_stage_with_a_resume_check_continues_only_its_own_run(tmp_path, capsys):
+    """``resumable=check``: an interrupted run (no record) is kept for ``work`` to continue when it ran with this
+    hash and the check accepts it; otherwise (another hash, a refused state) it is removed and redone."""
+    d = tmp_path / "hyperrep"
+
+    def killed(stage_dir):
+        (stage_dir / "resume").mkdir(parents=True)
+        (stage_dir / "resume" / "state").write_text("epoch 2")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_stage(d, "h1", killed, resumable=lambda _: True)
+    assert json.loads((d / pipeline.RUNNING_FILE).read_text()) == {"hash": "h1"}
+    seen = []
+    pipeline.run_stage(d, "h1", lambda sd: seen.append((sd / "resume" / "state").exists()), resumable=lambda _: True)
+    assert seen == [True] and not (d / pipeline.RUNNING_FILE).exists()  # continued; finished: no marker left
+    assert "stage.json" in {p.name for p in d.iterdir()}
+    for hash_, accepts, line in (("h2", True, "the interrupted run had another config or code (h1 -> h2)"),
+                                 ("h1", False, "interrupted run, redoing")):
+        shutil.rmtree(d)
+        with pytest.raises(KeyboardInterrupt):
+            pipeline.run_stage(d, "h1", killed, resumable=lambda _: True)
+        capsys.readouterr()
+        seen.clear()
+        pipeline.run_stage(d, hash_, lambda sd: seen.append((sd / "resume").exists()), resumable=lambda _, ok=accepts: ok)
+        assert seen == [False] and line in capsys.readouterr().out
+
+
 def test_failed_stage_leaves_no_record(tmp_path):
     d = tmp_path / "populations"
 
@@ -458,3 +487,104 @@ def test_tiny_pipeline_rerun_after_a_flipped_shard_is_not_silently_skipped(tmp_p
     for name in ("zoo", "zoo_aligned", "hyperrep", "populations"):  # every stage's record matches its bytes again
         record = pipeline.stage_record(out / name)
         assert record["outputs"] == pipeline.output_digests(out / name), name
+
+
+# The subprocess of the test below: the pipeline, SIGKILLed by itself right after the autoencoder wrote its resume
+# state of epoch KILL_AFTER (a real process death at a chosen point: a tiny epoch takes milliseconds, too little
+# for a kill from outside to land reliably between two epochs).
+KILLED_PIPELINE = """
+import importlib, os, signal, sys
+from raysys import pipeline
+
+train_module = importlib.import_module("raysys.hyperrep.train")  # (the package exports the function train)
+
+kill_after = int(sys.argv[3])
+save = train_module.save_resume_state
+
+def save_then_die(out_dir, state):
+    save(out_dir, state)
+    print(f"saved epoch {state['epoch']}", flush=True)
+    if state["epoch"] == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train_module.save_resume_state = save_then_die
+cfg = pipeline.load_config(sys.argv[1], sys.argv[4:])
+pipeline.run_pipeline(cfg, sys.argv[2], config_dir=os.path.dirname(sys.argv[1]), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_pipeline_killed_mid_autoencoder_resumes_it_instead_of_starting_at_epoch_1(tmp_path, ray_local, mlflow_uri,
+                                                                                      capsys, monkeypatch):
+    """``raysys pipeline`` SIGKILLed after the autoencoder's epoch 2 (of 4), rerun: the autoencoder continues at
+    epoch 3 from DIR/hyperrep/resume/ (epochs 3, 4 trained, nothing twice), one MLflow run with each epoch logged
+    once, and its history and weights equal an uninterrupted pipeline's. A resume state of another config is not
+    resumed: the stage starts again from epoch 1 with a line saying why."""
+    import importlib
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+    from safetensors.torch import load_file
+
+    from raysys.hyperrep.checkpoint import manifest_sha256
+
+    train_module = importlib.import_module("raysys.hyperrep.train")
+    overrides = [f"tracking_uri={mlflow_uri}", "evaluate=false", "populations.num_models=2",
+                 "populations.finetune.budgets=[0, 1]"]
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    pipeline.run_pipeline(tiny(overrides), whole, config_dir=TINY.parent, progress=False)
+
+    # the interrupted run starts from the same zoo stages (up to date, skipped): no zoo to train in the subprocess
+    cut.mkdir()
+    for name in ("zoo", "zoo_aligned"):
+        shutil.copytree(whole / name, cut / name)
+    address = ray_local.get_runtime_context().gcs_address
+    proc = subprocess.run([sys.executable, "-c", KILLED_PIPELINE, str(TINY), str(cut), "2", *overrides,
+                           f"ray_address={address}"], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == -9, log  # SIGKILL
+    assert "zoo: up to date" in log and "saved epoch 2" in log and "saved epoch 3" not in log, log
+    assert (cut / "hyperrep" / "resume" / "state.safetensors").is_file()
+    assert pipeline.stage_record(cut / "hyperrep") is None and (cut / ".lock").exists()  # died holding the lock
+
+    epochs = []
+    save = train_module.save_resume_state
+    monkeypatch.setattr(train_module, "save_resume_state", lambda d, s: (epochs.append(s["epoch"]), save(d, s)))
+    capsys.readouterr()
+    pipeline.run_pipeline(tiny(overrides), cut, config_dir=TINY.parent, progress=False)
+    printed = capsys.readouterr().out
+    assert "hyperrep: interrupted after epoch 2, resuming at epoch 3" in printed, printed
+    assert epochs == [3, 4]  # only the epochs left were trained
+    assert not (cut / "hyperrep" / "resume").exists() and not (cut / "hyperrep" / pipeline.RUNNING_FILE).exists()
+
+    history = json.loads((cut / "hyperrep" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history == json.loads((whole / "hyperrep" / "history.json").read_text())
+    a, b = load_file(whole / "hyperrep" / "model.safetensors"), load_file(cut / "hyperrep" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    run_id = pipeline.stage_record(cut / "hyperrep")["mlflow_run_id"]
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["raysys.resumed_after_epoch"] == "2"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_rec")) == [1, 2, 3, 4]
+
+    # a resume state of another config (same stage hash forged, so only the state's check can refuse it)
+    record = pipeline.stage_record(cut / "hyperrep")
+    (cut / "hyperrep" / "stage.json").unlink()
+    pipeline.atomic_write_json(cut / "hyperrep" / pipeline.RUNNING_FILE, {"hash": record["hash"]})
+    stages = pipeline.stage_configs(tiny(overrides), TINY.parent)
+    other = stages["hyperrep"].model_copy(deep=True)
+    other.train.lr = 0.5
+    train_module.save_resume_state(cut / "hyperrep", {
+        "format": train_module.RESUME_FORMAT, "epoch": 1, "config": other.model_dump(mode="json"),
+        "manifest_sha256": manifest_sha256(cut / "zoo_aligned")})
+    capsys.readouterr()
+    check = pipeline.autoencoder_resumable(stages["hyperrep"], cut / "zoo_aligned")
+    assert not pipeline.record_free_resume(cut / "hyperrep", record["hash"], check)
+    printed = capsys.readouterr().out
+    assert "hyperrep: its resume state does not fit" in printed and "train.lr: 0.5 -> 0.001" in printed
+    assert "starting again from epoch 1" in printed
+    (cut / "hyperrep" / pipeline.RUNNING_FILE).write_text(json.dumps({"hash": "another"}))
+    assert not pipeline.record_free_resume(cut / "hyperrep", record["hash"], check)
+    assert "the interrupted run had another config or code" in capsys.readouterr().out
