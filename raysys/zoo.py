@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 import json
+import os
 import shutil
 import threading
 import time
@@ -113,6 +114,9 @@ class ResourcesConfig(Config):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)  # Ray Train restarts of the worker group after a crash
+    # The memory one shard may take while it trains and is written (its rows and their sorted copy), in GiB.
+    # None: this machine's available memory (psutil, else /proc/meminfo, else os.sysconf). See check_memory.
+    shard_memory_gb: float | None = Field(None, gt=0)
 
 
 class MlflowConfig(Config):
@@ -168,44 +172,87 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> ZooConf
 
 # --- expansion --------------------------------------------------------------------------------
 
-def seeds_per_point(config: ZooConfig, num_points: int) -> np.ndarray:
-    """[num_points, seeds_per_point] int64: the seeds of each grid point."""
+# A config without a ``models`` cap whose grid x seeds is larger than this is refused: its specs, splits and
+# manifest alone would fill the driver's memory (a ModelSpec is ~0.5 kB; 10**6 models ~ 0.5 GB of specs).
+MAX_MODELS = 1_000_000
+
+
+def seeds_per_grid_point(config: ZooConfig) -> int:
+    s = config.seeds
+    return len(s) if isinstance(s, list) else s.count if isinstance(s, SeedRange) else s.random
+
+
+def grid_size(config: ZooConfig) -> int:
+    """How many models the grid and the seeds define (before ``models`` cuts them), without expanding them."""
+    return math.prod(len(getattr(config.grid, n)) for n in type(config.grid).model_fields) * seeds_per_grid_point(config)
+
+
+def _seed_streams(config: ZooConfig, num_points: int):
+    """``next_seed(p)``: the next seed of grid point ``p`` (its k-th call gives the point's k-th seed), lazily."""
     s = config.seeds
     if isinstance(s, list):
-        return np.tile(np.asarray(s, np.int64), (num_points, 1))
+        counters = [0] * num_points
+
+        def from_list(p):
+            counters[p] += 1
+            return int(s[counters[p] - 1])
+        return from_list
     if isinstance(s, SeedRange):
-        return np.tile(np.arange(s.start, s.start + s.count, dtype=np.int64), (num_points, 1))
+        counters = [0] * num_points
+
+        def from_range(p):
+            counters[p] += 1
+            return s.start + counters[p] - 1
+        return from_range
     # One RNG per grid point, drawn one seed at a time, so the first k seeds of a point do not
     # depend on how many are drawn (adding seeds keeps every existing model).
-    out = np.empty((num_points, s.random), np.int64)
-    for p in range(num_points):
-        rng, seen = np.random.default_rng([s.seed, p]), set()
-        while len(seen) < s.random:
+    rngs: dict[int, tuple] = {}
+
+    def random(p):
+        rng, seen = rngs.setdefault(p, (np.random.default_rng([s.seed, p]), set()))
+        while True:
             v = int(rng.integers(1, 2**31))
             if v not in seen:
-                out[p, len(seen)] = v
                 seen.add(v)
-    return out
+                return v
+    return random
 
 
-def expand(config: ZooConfig) -> list[ModelSpec]:
-    """The zoo's models in model_id order.
+def iter_specs(config: ZooConfig):
+    """The zoo's models in model_id order, one at a time (no list of the whole grid x seeds product).
 
     Seed-major (all grid points with their first seed, then with their second, ...): a prefix
     (``models: N``) covers the grid evenly, and a model's id does not change when seeds are added.
     """
-    points = config.grid.points()
-    seeds = seeds_per_point(config, len(points))
-    specs = []
-    for k in range(seeds.shape[1]):
+    names = list(type(config.grid).model_fields)
+    points = [dict(zip(names, combo)) for combo in itertools.product(*(getattr(config.grid, n) for n in names))]
+    next_seed = _seed_streams(config, len(points))
+    model_id = 0
+    for _ in range(seeds_per_grid_point(config)):
         for p, point in enumerate(points):
-            specs.append(ModelSpec(model_id=len(specs), seed=int(seeds[p, k]), **point))
+            yield ModelSpec(model_id=model_id, seed=next_seed(p), **point)
+            model_id += 1
+
+
+def expand(config: ZooConfig) -> list[ModelSpec]:
+    """The zoo's models in model_id order: the first ``models`` of :func:`iter_specs` (all of them without a cap).
+
+    Only the models kept are built, so ``seeds: {count: 10**12}`` with ``models: 4`` costs four specs. Without a
+    cap, a grid x seeds product above :data:`MAX_MODELS` is refused with its size."""
+    total = grid_size(config)
     if config.models is not None:
-        if config.models > len(specs):
-            raise ConfigError(f"models: {config.models} but the grid and seeds define only {len(specs)} models. "
+        if config.models > total:
+            raise ConfigError(f"models: {config.models} but the grid and seeds define only {total} models. "
                               f"Lower --models or add seeds.")
-        specs = specs[:config.models]
-    return specs
+        n = config.models
+    elif total > MAX_MODELS:
+        raise ConfigError(f"the grid ({total // seeds_per_grid_point(config)} points) x seeds "
+                          f"({seeds_per_grid_point(config)} per point) define {total:,} models, more than the "
+                          f"{MAX_MODELS:,} one zoo can plan. Set models: N (--models N) to keep the first N, or list "
+                          f"fewer seeds.")
+    else:
+        n = total
+    return list(itertools.islice(iter_specs(config), n))
 
 
 @dataclass(frozen=True)
@@ -225,6 +272,70 @@ def plan_shards(specs: list[ModelSpec], models_per_shard: int) -> list[Shard]:
         for i in range(0, len(ids), models_per_shard):
             shards.append(Shard(len(shards), tuple(ids[i:i + models_per_shard]), key))
     return shards
+
+
+# --- size and memory ----------------------------------------------------------------------------
+
+def size_estimate(config: ZooConfig, num_params: int, shards: list[Shard]) -> dict:
+    """Bytes of float32 weights the zoo holds (every model, epochs 0..E) and one shard holds in memory while it
+    trains and is written: its rows (the largest shard's models x (epochs + 1) x num_params x 4) and the sorted
+    copy that is written, twice the rows."""
+    models = sum(len(s.model_ids) for s in shards)
+    per_model = (config.epochs + 1) * num_params * 4
+    largest = max((len(s.model_ids) for s in shards), default=0)
+    return {"models": models, "epochs": config.epochs, "num_params": num_params, "zoo_bytes": models * per_model,
+            "shard_models": largest, "shard_rows_bytes": largest * per_model, "shard_bytes": 2 * largest * per_model}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available on this machine: psutil when installed, else Linux's MemAvailable, else
+    os.sysconf's free pages; None when none of them answers."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gb(n: int | float) -> str:
+    return f"{n / 2**30:.3g} GiB" if n >= 2**27 else f"{n / 2**20:.3g} MiB"
+
+
+def check_memory(config: ZooConfig, num_params: int, shards: list[Shard], budget: int | None = None) -> dict:
+    """The size estimate, printed; a :class:`RaysysError` naming the numbers and the fix when one shard needs
+    more memory than the budget (``budget`` bytes, else ``resources.shard_memory_gb``, else
+    :func:`available_memory`). Nothing is written; generate calls it before it takes the directory."""
+    est = size_estimate(config, num_params, shards)
+    source = "given"
+    if budget is None and config.resources.shard_memory_gb is not None:
+        budget, source = int(config.resources.shard_memory_gb * 2**30), "resources.shard_memory_gb"
+    elif budget is None:
+        budget, source = available_memory(), "available on this machine"
+    est.update(budget_bytes=budget, budget_source=source)
+    print(f"raysys zoo: {est['models']:,} models x {config.epochs + 1} epochs (0..{config.epochs}) x "
+          f"{num_params:,} parameters = {_gb(est['zoo_bytes'])} of float32 weights (less on disk: zstd); a shard of "
+          f"{est['shard_models']} models holds {_gb(est['shard_bytes'])} while it is written"
+          + (f" (budget {_gb(budget)}, {source})" if budget is not None else ""), flush=True)
+    if budget is not None and est["shard_bytes"] > budget:
+        fit = max(1, budget // (2 * (config.epochs + 1) * num_params * 4))
+        raise RaysysError(
+            f"one shard of {est['shard_models']} models x {config.epochs + 1} epochs x {num_params:,} parameters x 4 "
+            f"bytes needs {_gb(est['shard_bytes'])} of memory while it is written (its rows, "
+            f"{_gb(est['shard_rows_bytes'])}, and their sorted copy), more than the {_gb(budget)} {source}. Lower "
+            f"models_per_shard (now {config.models_per_shard}; at most {fit} fit: --set models_per_shard={fit}), or "
+            f"raise resources.shard_memory_gb if the workers' machines have the memory.")
+    return est
 
 
 # --- training one shard -----------------------------------------------------------------------
@@ -465,6 +576,8 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
     splits = splits_for(len(specs), config.split_seed)
     resuming = _check_resume(out_dir, config)
     data = datasets.load(config.dataset.name, config.dataset.root, **config.dataset.options)
+    check_memory(config, architectures.layout_of(config.arch, data.in_channels, data.num_classes,
+                                                 data.image_size).num_params, shards)
     started_ray = False
     try:
         with WriterLock(out_dir, "raysys zoo generate"):

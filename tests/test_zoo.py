@@ -85,6 +85,100 @@ def test_models_keeps_a_prefix_and_rejects_too_many():
         expand(config(grid=HYP, seeds={"count": 10}, models=321))
 
 
+def _eager_expand(c: ZooConfig) -> list:
+    """The expansion as raysys built it before it was lazy (every seed of every point, then the cut): the lazy one
+    must give the same models, or zoos on disk would no longer resume."""
+    from raysys.train import ModelSpec
+    from raysys.zoo import RandomSeeds, SeedRange
+
+    points, s = c.grid.points(), c.seeds
+    if isinstance(s, list):
+        seeds = np.tile(np.asarray(s, np.int64), (len(points), 1))
+    elif isinstance(s, SeedRange):
+        seeds = np.tile(np.arange(s.start, s.start + s.count, dtype=np.int64), (len(points), 1))
+    else:
+        assert isinstance(s, RandomSeeds)
+        seeds = np.empty((len(points), s.random), np.int64)
+        for p in range(len(points)):
+            rng, seen = np.random.default_rng([s.seed, p]), set()
+            while len(seen) < s.random:
+                v = int(rng.integers(1, 2**31))
+                if v not in seen:
+                    seeds[p, len(seen)] = v
+                    seen.add(v)
+    specs = [ModelSpec(model_id=k * len(points) + p, seed=int(seeds[p, k]), **point)
+             for k in range(seeds.shape[1]) for p, point in enumerate(points)]
+    return specs[:c.models] if c.models is not None else specs
+
+
+@pytest.mark.parametrize("seeds", [{"count": 7, "start": 3}, {"random": 6, "seed": 4}, [5, 1, 9]],
+                         ids=["range", "random", "list"])
+def test_lazy_expansion_gives_the_models_the_eager_one_gave(seeds):
+    for models in (None, 1, 13, 32 * 3):
+        c = config(grid=HYP, seeds=seeds, models=models)
+        assert expand(c) == _eager_expand(c)
+
+
+@pytest.mark.parametrize("seeds", [{"count": 10**12}, {"random": 10**12}], ids=["range", "random"])
+def test_planning_a_huge_seed_count_with_a_models_cap_builds_only_the_models_kept(seeds):
+    """seeds.count 10**12 with models: 4 plans four models in milliseconds and kilobytes (no grid x seeds
+    product); without a cap such a product is refused with its size, before anything is built."""
+    import tracemalloc
+
+    from raysys.config import ConfigError
+    from raysys.zoo import grid_size
+
+    c = config(grid=HYP, seeds=seeds, models=4)
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        specs = expand(c)
+        shards, splits = plan_shards(specs, c.models_per_shard), splits_for(len(specs), c.split_seed)
+        seconds, (_, peak) = time.perf_counter() - t0, tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [s.model_id for s in specs] == [0, 1, 2, 3] and len(splits) == 4 and sum(len(s.model_ids) for s in shards) == 4
+    assert seconds < 3 and peak < 50 * 2**20, (seconds, peak)
+    assert grid_size(c) == 32 * 10**12
+    with pytest.raises(ConfigError, match=r"\(32 points\) x seeds \(1000000000000 per point\) define "
+                                          r"32,000,000,000,000 models.*Set models: N \(--models N\)"):
+        expand(config(grid=HYP, seeds=seeds))
+
+
+def test_a_shard_that_does_not_fit_in_memory_is_refused_before_anything_is_written(tmp_path, mlflow_uri, capsys):
+    """The size of the zoo and of one shard in memory is printed; a shard larger than the memory budget
+    (resources.shard_memory_gb, else what the machine has) is one error naming the numbers and models_per_shard."""
+    from raysys import cli
+    from raysys.zoo import available_memory, check_memory
+
+    c = config(seeds={"count": 40}, epochs=9, models_per_shard=20)
+    p = 100
+    est = check_memory(c, p, plan_shards(expand(c), 20), budget=10**9)
+    assert est["zoo_bytes"] == 40 * 10 * p * 4 and est["shard_rows_bytes"] == 20 * 10 * p * 4
+    assert est["shard_bytes"] == 2 * est["shard_rows_bytes"]
+    assert "40 models x 10 epochs (0..9) x 100 parameters" in capsys.readouterr().out
+    with pytest.raises(RaysysError, match=r"(?s)one shard of 20 models x 10 epochs x 100 parameters x 4 bytes needs "
+                                          r"0.153 MiB of memory while it is written"):
+        check_memory(c, p, plan_shards(expand(c), 20), budget=100_000)
+    with pytest.raises(RaysysError, match=r"at most 12 fit: --set models_per_shard=12"):
+        check_memory(c, p, plan_shards(expand(c), 20), budget=100_000)
+    assert available_memory() > 0
+
+    # through the CLI: the budget from the config, nothing written
+    cfg = tmp_path / "zoo.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "big", "dataset": {"name": "tetris"}, "arch": "tetris_ffn",
+                                   "seeds": {"count": 40}, "epochs": 9, "models_per_shard": 20,
+                                   "resources": {"shard_memory_gb": 1e-5},
+                                   "mlflow": {"tracking_uri": mlflow_uri}}))
+    out = tmp_path / "zoo"
+    capsys.readouterr()
+    assert cli.main(["zoo", "generate", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("raysys: error:") == 1 and "models_per_shard (now 20" in err
+    assert "resources.shard_memory_gb" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 @settings(max_examples=25, deadline=None)
 @given(per_shard=st.integers(1, 40), count=st.integers(1, 8))
 def test_shards_partition_the_zoo_into_single_population_chunks(per_shard, count):
