@@ -496,7 +496,9 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
         # restores an epoch older than the last one reported; train redoes the epochs after it (to the
         # same state, on the CPU). Those were reported and logged already (train logs val_rec to the
         # trial's run before each report): not again.
-        seen = 0 if restored is None else last_logged_step(tracking["tracking_uri"], run_id, "val_rec")
+        # Also without a checkpoint: a trial cut off before its first checkpoint was registered starts again at
+        # epoch 1, and its run may already hold epoch 1.
+        seen = last_logged_step(tracking["tracking_uri"], run_id, "val_rec")
 
         def evaluate(epoch: int) -> dict:
             if not (work / "config.json").exists():  # no checkpoint yet (validation loss never finite)

@@ -619,3 +619,24 @@ def test_resume_from_an_older_state_redoes_epochs_without_logging_them_twice(tin
     history = client.get_metric_history(resumed["mlflow_run_id"], "train_loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4]
     assert {m.step: m.value for m in history} == values
+
+
+@pytest.mark.slow
+def test_a_joined_run_that_already_holds_epochs_gets_each_epoch_once(tiny_zoo, tmp_path, mlflow_uri, monkeypatch):
+    """A search trial cut off before its first checkpoint was registered starts training again at epoch 1 in its
+    own run ($MLFLOW_RUN_ID), which already holds the first epochs: they are redone, not logged twice."""
+    from mlflow import MlflowClient
+
+    from raysys.hyperrep.train import train
+
+    cfg = _resume_config("cosine")
+    seen = []
+    with pytest.raises(Cut):
+        train(cfg, tiny_zoo, tmp_path / "first", tracking_uri=mlflow_uri, report=_cut_at(2, seen), progress=False)
+    client = MlflowClient(mlflow_uri)  # the run the interrupted training logged to: the experiment's newest
+    run_id = max(client.search_runs([client.get_experiment_by_name("hyperrep").experiment_id]),
+                 key=lambda r: r.info.start_time).info.run_id
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_rec")) == [1, 2]
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    train(cfg, tiny_zoo, tmp_path / "again", tracking_uri=mlflow_uri, progress=False)  # no resume state: epoch 1
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_rec")) == list(range(1, 7))

@@ -287,6 +287,9 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
     if state is not None and not os.environ.get("MLFLOW_RUN_ID"):  # $MLFLOW_RUN_ID (a search trial) wins
         run_id = _existing_run(tracking_uri, state.get("mlflow_run_id"))
     resumed_run = state is not None and (run_id is not None or bool(os.environ.get("MLFLOW_RUN_ID")))
+    # A search trial joins its own run ($MLFLOW_RUN_ID), which may hold epochs from before an interruption even
+    # when no checkpoint was registered yet: those are redone (same seed) without being logged twice.
+    joined_run = resumed_run or bool(os.environ.get("MLFLOW_RUN_ID"))
     tags = {"raysys.stage": "hyperrep"}
     if state is not None:
         tags["raysys.resumed_after_epoch"] = str(state["epoch"])
@@ -298,7 +301,7 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
         best_state, history, stale, t0, spent, start = None, [], 0, time.time(), 0.0, 1
         # Epochs this run already logged: a resume from an older state than the interruption (a Tune
         # trial restores its last *registered* checkpoint) redoes them without logging them twice.
-        logged = last_logged_step(tracking_uri, run.info.run_id, "val_rec") if resumed_run else 0
+        logged = last_logged_step(tracking_uri, run.info.run_id, "val_rec") if joined_run else 0
         if state is not None:
             best, history, stale, spent = state["best"], state["history"], state["stale"], state["seconds"]
             best_state = state["best_state"]
