@@ -234,24 +234,12 @@ def _identity(zoo, options: AlignOptions, window: list[int]) -> dict:
 
 def _check_destination(dst: Path, identity: dict) -> bool:
     """True when ``dst`` holds (part of) this very aligned copy; error when it holds anything else."""
-    from raysys.store import damaged_manifest, manifest_path, manifest_problem, only_writer_files
+    from raysys.store import writer_manifest
 
-    path = manifest_path(dst)
-    if not path.exists():
-        if dst.exists() and not only_writer_files(dst):
-            raise RaysysError(f"--out {dst} exists, is not empty and holds no zoo manifest. "
-                              f"Choose a new --out directory (or an empty one).")
+    manifest = writer_manifest(dst, "aligned", "is not an aligned copy made by 'raysys zoo align'")
+    if manifest is None:
         return False
-    why = manifest_problem(dst)
-    if why is not None:
-        raise RaysysError(damaged_manifest(dst, why))
-    try:
-        old = json.loads(path.read_text()).get("aligned")
-    except ValueError:
-        old = None
-    if not isinstance(old, dict):
-        raise RaysysError(f"--out {dst} holds a zoo that is not an aligned copy made by 'raysys zoo align'. "
-                          f"Choose a new --out directory.")
+    old = manifest["aligned"]
     short = lambda k, v: f"{v[:12]}..." if k == "source_fingerprint" and isinstance(v, str) else repr(v)
     diff = [f"{k}: {short(k, old.get(k))} -> {short(k, v)}" for k, v in identity.items() if old.get(k) != v]
     if diff:

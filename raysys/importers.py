@@ -439,22 +439,12 @@ def _manifest(plan: Plan, identity: dict, name: str, dataset: dict, splits: list
 
 def _existing_import(out: Path, identity: dict) -> dict | None:
     """The manifest of this very import in ``out`` (resume), None when ``out`` is new; error otherwise."""
-    from raysys.store import damaged_manifest, manifest_path, manifest_problem, only_writer_files
+    from raysys.store import writer_manifest
 
-    path = manifest_path(out)
-    if not path.exists():
-        if out.exists() and not only_writer_files(out):
-            raise ImportFormatError(f"--out {out} exists, is not empty and holds no zoo manifest. Choose a new --out "
-                               f"directory (or an empty one).")
+    manifest = writer_manifest(out, "imported", "'raysys zoo import-modelzoos' did not write")
+    if manifest is None:
         return None
-    why = manifest_problem(out)
-    if why is not None:
-        raise ImportFormatError(damaged_manifest(out, why))
-    manifest = json.loads(path.read_text())
-    old = manifest.get("imported")
-    if not isinstance(old, dict):
-        raise ImportFormatError(f"--out {out} holds a zoo that 'raysys zoo import-modelzoos' did not write. Choose a new "
-                           f"--out directory.")
+    old = manifest["imported"]
     diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in identity.items() if old.get(k) != v and k != "source_trials_sha256"]
     if old.get("source_trials_sha256") != identity["source_trials_sha256"] and not diff:
         diff = ["the source's trial folders have changed"]

@@ -849,6 +849,27 @@ def manifest_problem(root: str | Path) -> str | None:
     return None
 
 
+def writer_manifest(out: str | Path, key: str, foreign: str) -> dict | None:
+    """The manifest in ``out`` when its writer wrote it (it holds a ``key`` record: the writer's identity, for
+    the caller to compare), None when ``out`` is new or holds only a writer's own files; a RaysysError naming
+    the fix when ``out`` holds anything else: other files, a damaged manifest, or another writer's zoo (said as
+    "holds a zoo that ``foreign``")."""
+    out = Path(out)
+    path = manifest_path(out)
+    if not path.exists():
+        if out.exists() and not only_writer_files(out):
+            raise RaysysError(f"--out {out} exists, is not empty and holds no zoo manifest. "
+                              f"Choose a new --out directory (or an empty one).")
+        return None
+    why = manifest_problem(out)
+    if why is not None:
+        raise RaysysError(damaged_manifest(out, why))
+    manifest = json.loads(path.read_text())
+    if not isinstance(manifest.get(key), dict):
+        raise RaysysError(f"--out {out} holds a zoo that {foreign}. Choose a new --out directory.")
+    return manifest
+
+
 def damaged_manifest(root: str | Path, why: str) -> str:
     """The one-line error for a damaged manifest: what is wrong, and the command that rebuilds it."""
     root = Path(root)
