@@ -195,7 +195,7 @@ def test_from_pretrained_names_a_folder_that_is_no_checkpoint(tmp_path):
 def readme_example() -> str:
     """The Python block under "Python API" in README.md."""
     text = (ROOT / "README.md").read_text()
-    section = text.split("### Python API", 1)[1]
+    section = text.split("\n## Python API", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
