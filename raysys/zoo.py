@@ -117,6 +117,9 @@ class ResourcesConfig(Config):
     # The memory one shard may take while it trains and is written (its rows and their sorted copy), in GiB.
     # None: this machine's available memory (psutil, else /proc/meminfo, else os.sysconf). See check_memory.
     shard_memory_gb: float | None = Field(None, gt=0)
+    # Who trains the shards (see choose_runner): "auto" trains them in this process when the run is local and one
+    # worker would do all the work anyway, else on Ray Train; "ray_train" and "in_process" force one.
+    runner: Literal["auto", "ray_train", "in_process"] = "auto"
 
 
 class MlflowConfig(Config):
@@ -423,6 +426,46 @@ def _progress_actor():
     return Progress.remote()
 
 
+class _Progress:
+    """The in-process runner's progress counter: what the Ray actor counts, without Ray."""
+
+    def __init__(self):
+        self.model_epochs, self.shards = 0, 0
+
+    def add(self, n: int):
+        self.model_epochs += n
+
+    def shard_done(self):
+        self.shards += 1
+
+    def get(self) -> tuple[int, int]:
+        return self.model_epochs, self.shards
+
+
+def _run_in_process(config: ZooConfig, out_dir: Path, data, specs, pending: list[Shard], splits: list[str],
+                    progress: _Progress) -> None:
+    """Train the pending shards one after the other in this process (:func:`choose_runner`): what one Ray Train
+    worker does in :func:`_worker_loop`, with torch at the worker's thread count (Ray gives a worker of
+    ``cpus_per_worker`` CPUs as many threads), so the shards come out the same."""
+    import torch
+
+    writer, threads = ZooWriter(out_dir), torch.get_num_threads()
+    torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
+    try:
+        for shard in pending:
+            try:
+                train_shard(config.arch, shard, specs, data, config.epochs, splits, writer, "cpu", progress.add)
+            except (RaysysError, KeyboardInterrupt):
+                raise
+            except Exception as err:
+                raise RaysysError(f"zoo generation failed in shard {shard.shard}: {type(err).__name__}: {err}\n"
+                                  f"Completed shards are kept in {out_dir}; fix the cause and rerun the same command "
+                                  f"to resume.") from err
+            progress.shard_done()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _run_trainer(config: ZooConfig, out_dir: Path, pending: list[Shard], splits: list[str], progress) -> None:
     import ray.train
 
@@ -558,8 +601,6 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
     ``out_dir`` has the same config. One MLflow run per call: params are the flattened config,
     metrics the progress, artifacts the manifest and a plot of accuracy over epochs.
     """
-    import ray
-
     from raysys import datasets, runtime
     from raysys.integrity import check_output_dir, check_ray_address, check_tracking_uri
 
@@ -568,7 +609,7 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
     elif overrides:
         config = validate(ZooConfig, apply_overrides(config.model_dump(mode="json"), overrides), "overrides")
     out_dir = check_output_dir(out_dir).resolve()  # absolute: workers run in other directories
-    if not ray.is_initialized():
+    if not _ray_initialized():
         check_ray_address(runtime.resolve_address(config.ray_address))
     tracking_uri = check_tracking_uri(config.mlflow.tracking_uri)
     specs = expand(config)
@@ -591,16 +632,59 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
             pending, bad = _pending(out_dir, shards, resuming)
             if resuming:  # strays and shards that do not match their records go to the quarantine, not into the zoo
                 quarantine_strays(out_dir, [s.shard for s in shards], bad)
-            if pending:
+            runner = choose_runner(config, len(pending))
+            if pending and runner == "ray_train":
                 started_ray = runtime.init_ray(config.ray_address)
                 config = _resolve_workers(config)
                 _check_resources(config, local=started_ray and runtime.resolve_address(config.ray_address) == runtime.LOCAL)
             ZooWriter(out_dir).write_manifest(_manifest(config, data, shards, splits, "running"))
             _clean_partial_files(out_dir)
-            return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress)
+            return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress,
+                             runner)
     finally:
         if started_ray:
+            import ray
+
             ray.shutdown()
+
+
+def _ray_initialized() -> bool:
+    """Whether this process has joined a Ray, without importing Ray when nothing did."""
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
+def local_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow), at least 1:
+    what a new local Ray would count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_runner(config: ZooConfig, pending: int) -> str:
+    """``"in_process"`` or ``"ray_train"``: who trains the ``pending`` shards.
+
+    ``resources.runner`` decides when it is not ``"auto"``. Under ``"auto"`` the shards train in this process,
+    with no Ray at all, exactly when all of these hold: this process has not joined a Ray (``ray.init`` by a
+    script, a test, a Ray job), the address resolves to a new local Ray (no ``--address``, ``ray_address`` or
+    ``$RAY_ADDRESS``), ``resources.use_gpu`` is false, and one worker would do all the work: ``--workers`` /
+    ``resources.num_workers`` is 1, or the plan has at most one pending shard (a new local Ray would give one
+    worker per ``cpus_per_worker`` CPUs, but never more workers than pending shards). Everything else (a cluster,
+    GPUs, several workers) runs on Ray Train. Both paths run :func:`train_shard` on the same shards with the same
+    single-thread-per-CPU torch setting, so they write the same bytes (``test_both_runners_write_the_same_zoo``).
+    """
+    r = config.resources
+    if r.runner != "auto":
+        return r.runner
+    from raysys import runtime
+
+    if _ray_initialized() or runtime.resolve_address(config.ray_address) != runtime.LOCAL or r.use_gpu:
+        return "ray_train"
+    workers = r.num_workers if r.num_workers is not None else max(1, int(local_cpus() / r.cpus_per_worker))
+    return "in_process" if min(workers, pending) <= 1 else "ray_train"
 
 
 def _resolve_workers(config: ZooConfig) -> ZooConfig:
@@ -631,7 +715,8 @@ def _check_resources(config: ZooConfig, local: bool) -> None:
                           f"has {have.get('CPU', 0):g}. Lower --workers or resources.cpus_per_worker.")
 
 
-def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress) -> dict:
+def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress,
+              runner="ray_train") -> dict:
     from raysys import tracking
 
     writer = ZooWriter(out_dir)
@@ -640,7 +725,8 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
     from raysys.runtime import cluster_tags
 
     tags = {"raysys.stage": "zoo", "raysys.zoo": config.name, "raysys.out_dir": str(out_dir),
-            "raysys.version": __version__, "raysys.resumed": str(resuming).lower(), **cluster_tags()}
+            "raysys.version": __version__, "raysys.resumed": str(resuming).lower(), "raysys.runner": runner,
+            **(cluster_tags() if _ray_initialized() else {})}
     with tracking.start_run(tracking_uri, config.mlflow.experiment, run_name=config.name,
                             tags=tags, params=config.model_dump(mode="json")) as run:
         import mlflow
@@ -648,10 +734,15 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
         mlflow.log_metrics({"models": len(specs), "shards_planned": len(shards),
                             "shards_skipped": len(shards) - len(pending)})
         t0 = time.time()
-        if pending:
-            actor = _progress_actor()
-            with _ProgressWatcher(actor, total, done_model_epochs, len(shards) - len(pending), len(shards),
+        if pending and runner == "in_process":
+            counter = _Progress()
+            with _ProgressWatcher(counter.get, total, done_model_epochs, len(shards) - len(pending), len(shards),
                                   run.info.run_id, tracking_uri, progress):
+                _run_in_process(config, out_dir, data, specs, pending, splits, counter)
+        elif pending:
+            actor = _progress_actor()
+            with _ProgressWatcher(_actor_poll(actor), total, done_model_epochs, len(shards) - len(pending),
+                                  len(shards), run.info.run_id, tracking_uri, progress):
                 _run_trainer(config, out_dir, pending, splits, actor)
         wall = time.time() - t0
         missing = [s.shard for s in shards if not writer.is_complete(s.shard)]
@@ -675,15 +766,25 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
     return manifest
 
 
-class _ProgressWatcher:
-    """Polls the progress actor from a thread: tqdm bar (models x epochs, rate, ETA) and MLflow metrics."""
+def _actor_poll(actor):
+    """``() -> (model_epochs, shards)`` of the Ray progress actor."""
+    def poll():
+        import ray
 
-    def __init__(self, actor, total, done, shards_done, shards_total, run_id, tracking_uri, show, interval=0.5):
+        return ray.get(actor.get.remote(), timeout=10)
+    return poll
+
+
+class _ProgressWatcher:
+    """Polls the progress counter (``poll() -> (model_epochs, shards)``) from a thread: tqdm bar (models x epochs,
+    rate, ETA) and MLflow metrics."""
+
+    def __init__(self, poll, total, done, shards_done, shards_total, run_id, tracking_uri, show, interval=0.5):
         from tqdm import tqdm
 
         from raysys import tracking
 
-        self.actor, self.done, self.shards_done, self.interval = actor, done, shards_done, interval
+        self.poll, self.done, self.shards_done, self.interval = poll, done, shards_done, interval
         self.shards_total = shards_total
         self.bar = tqdm(total=total, initial=done, unit="model-epoch", desc="zoo", disable=not show,
                         dynamic_ncols=True, smoothing=0.1)
@@ -693,10 +794,8 @@ class _ProgressWatcher:
         self.last_logged, self.last_value = 0.0, None
 
     def _poll(self, force=False):
-        import ray
-
         try:
-            model_epochs, shards = ray.get(self.actor.get.remote(), timeout=10)
+            model_epochs, shards = self.poll()
         except Exception:
             return
         # a worker group restarted mid-shard counts that shard's epochs again: clamp to the plan
@@ -757,14 +856,14 @@ def summarize(zoo) -> dict:
 
 def plot_accuracy(zoo, path: Path) -> None:
     """Mean ± std of train and test accuracy over epochs (diverged rows left out)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure  # not pyplot: no global figure state, no GUI backend, a second less to import
 
     df = zoo.frame()
     df = df[~df["diverged"]]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     for col, label in (("train_acc", "train"), ("test_acc", "test")):
         g = df.groupby("epoch")[col]
         mean, std = g.mean(), g.std().fillna(0.0)
@@ -780,7 +879,6 @@ def plot_accuracy(zoo, path: Path) -> None:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
 
 

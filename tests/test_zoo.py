@@ -358,3 +358,71 @@ def test_info_cli_and_errors(tmp_path, capsys):
     cfg.write_text(yaml.safe_dump(TINY))
     with pytest.raises(RaysysError, match="not empty"):
         generate(cfg, tmp_path / "full", progress=False)
+
+
+# --- who trains the shards: in this process or on Ray Train ------------------------------------------
+
+def test_choose_runner_trains_in_process_only_when_one_local_worker_does_all_the_work(monkeypatch):
+    from raysys import zoo
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(zoo, "_ray_initialized", lambda: False)
+    monkeypatch.setattr(zoo, "local_cpus", lambda: 2)
+    c = config()
+    assert zoo.choose_runner(c, 1) == "in_process"  # one shard: one worker would do it all
+    assert zoo.choose_runner(c, 0) == "in_process"
+    assert zoo.choose_runner(c, 2) == "ray_train"  # two CPUs, two shards: two workers
+    assert zoo.choose_runner(config(resources={"num_workers": 1}), 5) == "in_process"
+    assert zoo.choose_runner(config(resources={"cpus_per_worker": 2}), 5) == "in_process"  # 2 CPUs / 2 per worker
+    assert zoo.choose_runner(config(resources={"use_gpu": True}), 1) == "ray_train"
+    assert zoo.choose_runner(config(ray_address="10.0.0.5:6379"), 1) == "ray_train"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert zoo.choose_runner(c, 1) == "ray_train"  # a Ray job's driver
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert zoo.choose_runner(config(resources={"runner": "ray_train"}), 1) == "ray_train"
+    assert zoo.choose_runner(config(resources={"runner": "in_process"}), 9) == "in_process"
+    monkeypatch.setattr(zoo, "_ray_initialized", lambda: True)  # a script or test joined a Ray: use it
+    assert zoo.choose_runner(c, 1) == "ray_train"
+
+
+def _runner_zoo(tmp_path, name, runner, mlflow_uri):
+    out = tmp_path / name
+    c = validate(ZooConfig, {**TINY, "seeds": {"start": 1, "count": 6}, "epochs": 2, "models_per_shard": 3,
+                             "resources": {"runner": runner},
+                             "mlflow": {"experiment": "zoo-test", "tracking_uri": mlflow_uri}})
+    manifest = generate(c, out, progress=False)
+    return out, manifest
+
+
+def test_a_tiny_local_zoo_trains_in_process_without_ray(tmp_path, mlflow_uri):
+    """The in-process runner end to end: the zoo, its records, the manifest and the MLflow run (tagged with
+    the runner), and no Ray started by generate."""
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    out, manifest = _runner_zoo(tmp_path, "zoo", "in_process", mlflow_uri)
+    assert manifest["status"] == "complete" and len(manifest["shards"]) == 2
+    assert ("ray" in sys.modules and sys.modules["ray"].is_initialized()) == was_up
+    w, meta = open_zoo(out).weights()
+    assert sorted(set(zip(meta.model_id, meta.epoch))) == [(m, e) for m in range(6) for e in range(3)]
+    from raysys.integrity import verify_zoo
+
+    assert not verify_zoo(out).problems
+    client = MlflowClient(mlflow_uri)
+    run = client.search_runs([client.get_experiment_by_name("zoo-test").experiment_id])[0]
+    assert run.data.tags["raysys.runner"] == "in_process" and run.data.metrics["model_epochs_done"] == 12
+
+
+@pytest.mark.slow
+def test_both_runners_write_the_same_zoo(tmp_path, ray_local, mlflow_uri):
+    """The in-process runner and Ray Train write byte-identical shards (same records, same sha256) of the
+    same plan: a zoo does not depend on which path trained it."""
+    a, ma = _runner_zoo(tmp_path, "in_process", "in_process", mlflow_uri)
+    b, mb = _runner_zoo(tmp_path, "ray_train", "ray_train", mlflow_uri)
+    assert [s["sha256"] for s in ma["shards"]] == [s["sha256"] for s in mb["shards"]]
+    for s in range(len(ma["shards"])):
+        assert ZooWriter(a).shard_path(s).read_bytes() == ZooWriter(b).shard_path(s).read_bytes()
+    strip = lambda m: {k: v for k, v in m.items() if k != "config"}  # noqa: E731 - config.resources.runner differs
+    assert strip(ma) == strip(mb)
