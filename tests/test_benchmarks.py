@@ -25,6 +25,20 @@ def test_zoo_throughput_smoke(tmp_path):
     assert result["speedup"] == rep["speedup"] > 0
 
 
+def test_zoo_throughput_cli_side_smoke(tmp_path):
+    """--cli runs the real `raysys zoo generate` at two sizes (and the tiny zoo) beside the kernel sides."""
+    out = tmp_path / "tp.json"
+    subprocess.run([sys.executable, "benchmarks/zoo_throughput.py", "--quick", "--cli", "--cli-models", "2", "4",
+                    "--procs", "1", "--json", str(out)], cwd=ROOT, check=True, timeout=400)
+    result = json.loads(out.read_text())
+    (rep,) = result["repeats"]
+    assert rep["population"]["model_epochs"] == 2 and result["models"] == 2
+    cli = rep["cli"]
+    assert cli["small"]["models"] == 2 and cli["big"]["models"] == 4 and cli["tiny_wall_s"] > 0
+    assert cli["small"]["wall_s"] > 0 and cli["big"]["wall_s"] > 0 and cli["kernel_s_per_model_epoch"] > 0
+    assert set(result["cli"]) >= {"cli_vs_kernel", "cli_vs_loop", "marginal_s_per_model_epoch", "tiny_wall_s"}
+
+
 def test_hyperrep_throughput_smoke():
     run = subprocess.run([sys.executable, "benchmarks/hyperrep_throughput.py", "--config", "configs/hyperrep/digits.yaml",
                           "--steps", "1", "--reps", "1", "--threads", "1"], cwd=ROOT, check=True, timeout=240,
