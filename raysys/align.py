@@ -318,9 +318,8 @@ def align_zoo(src: str | Path, dst: str | Path, template_epochs: int = 5, rounds
 
 def _align_zoo(zoo, src: Path, dst: Path, options: AlignOptions, window: list[int], identity: dict, progress: bool,
                t0: float) -> dict:
-    from raysys.integrity import _planned
-    from raysys.store import (META, ZooWriter, clean_temp_files, meta_file, migrate_zoo, open_zoo, quarantine_strays,
-                              read_shard, recorded_shards, shard_file, weights_column, weights_numpy)
+    from raysys.store import (META, ZooWriter, clean_temp_files, meta_file, migrate_zoo, open_zoo, planned_shards,
+                              quarantine_strays, read_shard, recorded_shards, shard_file, weights_column, weights_numpy)
 
     layout = zoo.layout
     resuming = _check_destination(dst, identity)  # again, now that no other writer can change it
@@ -348,7 +347,7 @@ def _align_zoo(zoo, src: Path, dst: Path, options: AlignOptions, window: list[in
         new_template = False
 
     manifest = {k: v for k, v in zoo.manifest.items() if k != "raysys_version"}
-    plan = [{k: v for k, v in s.items() if k not in ("sha256", "rows")} for s in _planned(zoo.manifest, src)]
+    plan = [{k: v for k, v in s.items() if k not in ("sha256", "rows")} for s in planned_shards(zoo.manifest, src)]
     aligned = {"source": str(src), **identity, "template_file": f"{META}/{TEMPLATE_FILE}",
                "method": "weight matching of hidden units (function-preserving permutations)"}
     manifest.update(name=f"{zoo.manifest.get('name', src.name)}-aligned", status="running", shards=plan, aligned=aligned)

@@ -6,9 +6,9 @@ Two halves, both plain functions:
   that is missing, truncated, corrupted (checksum mismatch), unrecorded or unplanned, and every
   row that is duplicated, foreign to its shard or absent. ``raysys zoo verify DIR`` prints the
   report and exits non-zero on problems; ``raysys zoo generate`` (rerun) rewrites exactly the
-  shards whose bytes no longer match their checksum. :func:`check_schema` is the cheap check
-  every reader runs: the manifest's layout and the Parquet schema must agree.
-* :func:`check_output_dir`, :func:`check_ray_address` and :func:`check_tracking_uri` turn the
+  shards whose bytes no longer match their checksum. The cheap check every reader runs (the
+  manifest's layout and the Parquet schema must agree) is :func:`raysys.store.check_schema`.
+* :func:`check_output_dir`, :func:`check_ray_address` (and :func:`raysys.tracking.check_tracking_uri`) turn the
   failures a stage would otherwise hit half-way (a file where a directory goes, a Ray cluster or
   an MLflow server that is not there) into one :class:`~raysys.config.RaysysError` before anything
   is written. Ray and MLflow retry an unreachable address for minutes; a 3 s socket probe
@@ -17,14 +17,14 @@ Two halves, both plain functions:
 from __future__ import annotations
 
 import socket
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 from raysys.config import RaysysError
+# Pre-flight check of a tracking URI: it lives in raysys.tracking (which owns MLflow); re-exported here only for
+# raysys/zoo.py, which still imports it from this module.
+from raysys.tracking import check_tracking_uri  # noqa: F401
 
 PROBE_TIMEOUT_S = 3.0
 
@@ -80,28 +80,12 @@ class ZooReport:
         return "\n".join(lines)
 
 
-def _planned(manifest: dict, root: Path) -> list[dict]:
-    """The shard plan; a hand-written manifest without one is planned as whatever records exist."""
-    from raysys.store import recorded_shards, shard_record
-
-    if isinstance(manifest.get("shards"), list):
-        return manifest["shards"]
-    plan = []
-    for sid in recorded_shards(root):
-        _, rec = shard_record(root, sid)
-        try:
-            plan.append({"shard": int(rec["shard"]), "model_ids": rec["model_ids"]})
-        except (KeyError, TypeError, ValueError):
-            plan.append({"shard": sid, "model_ids": None})
-    return plan
-
-
 def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
     """Check every planned shard of a zoo against its record, the manifest and the plan."""
     import pyarrow.parquet as pq
 
-    from raysys.store import (META, MANIFEST, QUARANTINE, SHARDS, is_legacy, open_zoo, quarantined_files, read_shard,
-                              sha256_file, shard_file, shard_record)
+    from raysys.store import (META, MANIFEST, QUARANTINE, SHARDS, is_legacy, open_zoo, planned_shards, quarantined_files,
+                              read_shard, schema_problem, sha256_file, shard_file, shard_record)
 
     root = Path(root)
     if not root.is_dir():
@@ -128,7 +112,7 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
     first_epoch = manifest.get("first_epoch", 0)  # an imported zoo without its initializations starts at 1
     first_epoch = first_epoch if isinstance(first_epoch, int) else 0
     expected_epochs = set(range(first_epoch, int(epochs) + 1)) if isinstance(epochs, int) else None
-    plan = _planned(manifest, root)
+    plan = planned_shards(manifest, root)
     report.planned_shards = len(plan)
     planned_ids = {int(s["shard"]) for s in plan}
     owner: dict[int, int] = {}  # model_id -> shard that wrote it
@@ -163,7 +147,7 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
                 continue
         try:
             pf = pq.ParquetFile(path)
-            problem = _schema_problem(pf.schema_arrow, num_params)
+            problem = schema_problem(pf.schema_arrow, num_params)
             t = pf.read(columns=["model_id", "epoch"])
             if checksums:  # every page checksum (the sha256 above is only as good as its record)
                 read_shard(path)
@@ -219,55 +203,6 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
                                                            "shards/shard-N.json): still readable; 'raysys zoo "
                                                            f"migrate {root}' makes it a plain Parquet dataset"))
     return report
-
-
-def _schema_problem(arrow_schema, num_params: int) -> str | None:
-    """Why a shard's Parquet schema does not fit a zoo of ``num_params`` parameters (None: it fits)."""
-    from raysys.store import schema
-
-    want = schema(num_params)
-    missing = [n for n in want.names if n not in arrow_schema.names]
-    if missing:
-        return f"columns {missing} are missing"
-    import pyarrow as pa
-
-    weights = arrow_schema.field("weights").type
-    shape = getattr(weights, "shape", None)  # the first layout's fixed_shape_tensor
-    if shape is not None and len(shape) != 1:
-        return f"weights have shape {' x '.join(map(str, shape))} but the manifest's layout has {num_params} parameters"
-    storage = getattr(weights, "storage_type", weights)
-    if not pa.types.is_fixed_size_list(storage) or storage.value_type != pa.float32():
-        return f"weights are {weights}, not a fixed-size list of float32"
-    if storage.list_size != num_params:
-        return f"weights have length {storage.list_size} but the manifest's layout has {num_params} parameters"
-    return None
-
-
-def check_schema(zoo) -> None:
-    """Refuse a zoo whose manifest and Parquet data disagree (cheap: reads only the first shard's footer)."""
-    import pyarrow.parquet as pq
-
-    files = zoo.shard_files()
-    if not files:
-        return
-    try:
-        num_params = zoo.num_params
-    except (KeyError, TypeError, ValueError) as err:
-        raise RaysysError(f"zoo {zoo.root}: manifest.json has no usable layout ({err!r}). The manifest is not one "
-                          f"raysys wrote; regenerate the zoo with 'raysys zoo generate CONFIG --out DIR'.") from None
-    stated = zoo.manifest.get("num_params")
-    if stated is not None and stated != num_params:
-        raise RaysysError(f"zoo {zoo.root}: manifest.json says num_params {stated} but its layout has {num_params}. "
-                          f"The manifest was edited or mixed from two zoos; regenerate the zoo into a new --out.")
-    try:
-        problem = _schema_problem(pq.read_schema(files[0]), num_params)
-    except Exception as err:
-        raise RaysysError(f"zoo {zoo.root}: {files[0].name} is not readable Parquet ({type(err).__name__}). "
-                          f"Run 'raysys zoo verify {zoo.root}', then rerun 'raysys zoo generate' to rewrite it.") from None
-    if problem:
-        raise RaysysError(f"zoo {zoo.root}: manifest and data disagree: {files[0].name}: {problem}. The shards come "
-                          f"from another zoo or the manifest was replaced; regenerate the zoo into a new --out "
-                          f"directory (or restore its own manifest.json).")
 
 
 def _cmd_verify(args) -> int:
@@ -333,36 +268,3 @@ def check_ray_address(address: str | None) -> None:
     if why:
         raise RaysysError(f"cannot reach the Ray cluster at {address} ({why}). Start it ('ray start --head') or fix "
                           f"--address / ray_address; leave it out to run on a local Ray.")
-
-
-def check_tracking_uri(uri: str | None) -> str:
-    """Resolve an MLflow tracking URI and check it can be used: a server answers, a sqlite file's folder exists."""
-    from raysys.tracking import TrackingError, mask_uri, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(uri)
-    parsed = urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        try:
-            # without user:password@ (urllib takes it for the host); a server that wants them answers 401: reached
-            host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname or ""
-            probe = parsed._replace(netloc=host + (f":{parsed.port}" if parsed.port else "")).geturl()
-            with urllib.request.urlopen(probe.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):  # noqa: S310 - http(s)
-                pass
-        except urllib.error.HTTPError:
-            pass  # something answered: an MLflow behind a proxy may not expose /health
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise TrackingError(f"cannot reach the MLflow server at {mask_uri(uri)} ({reason}). Start it ('raysys mlflow serve') "
-                                f"or fix --tracking-uri; or log locally with --tracking-uri "
-                                f"sqlite:////absolute/path/mlflow.db.") from None
-    elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        if db.is_dir():
-            raise TrackingError(f"the MLflow database {db} is a directory. Name a file: --tracking-uri sqlite:///{db / 'mlflow.db'}.")
-        ancestor = db.parent
-        while not ancestor.exists():  # MLflow creates missing folders, but not through a file
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise TrackingError(f"the MLflow database {db} cannot be created: {ancestor} is a file, not a directory. "
-                                f"Pass --tracking-uri sqlite:////a/directory/mlflow.db.")
-    return uri

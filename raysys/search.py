@@ -397,7 +397,7 @@ class Objectives:
             self.activation = f_train["activation"].mode().iloc[0]
         if "sample_acc" in objectives:
             import dataclasses
-            from raysys.hyperrep.evaluate import zoo_dataset
+            from raysys.store import zoo_dataset
             data = zoo_dataset(zoo.manifest, data_root)
             # accuracies() scores the "test" images of the data it gets: hand it the validation images.
             self.val_images = dataclasses.replace(data, x_test=data.x_val, y_test=data.y_val)

@@ -69,6 +69,8 @@ if TYPE_CHECKING:
     import pandas
     import torch
 
+    from raysys import datasets
+
 META = "__raysys__"  # every file of a zoo that is not data: skipped by Arrow, pandas, Ray Data and HF datasets
 MANIFEST = f"{META}/manifest.json"  # relative to the zoo directory
 SHARDS = "shards"
@@ -503,6 +505,20 @@ def shard_record(root: str | Path, shard: int) -> tuple[Path | None, dict | None
     return first
 
 
+def planned_shards(manifest: dict, root: Path) -> list[dict]:
+    """The shard plan; a hand-written manifest without one is planned as whatever records exist."""
+    if isinstance(manifest.get("shards"), list):
+        return manifest["shards"]
+    plan = []
+    for sid in recorded_shards(root):
+        _, rec = shard_record(root, sid)
+        try:
+            plan.append({"shard": int(rec["shard"]), "model_ids": rec["model_ids"]})
+        except (KeyError, TypeError, ValueError):
+            plan.append({"shard": sid, "model_ids": None})
+    return plan
+
+
 def splits_for(num_models: int, seed: int = 0) -> list[str]:
     perm = np.random.default_rng(seed).permutation(num_models)
     n_train, n_val = int(round(0.70 * num_models)), int(round(0.15 * num_models))
@@ -745,8 +761,6 @@ class Zoo:
 
     def dataset(self, data_root: str | None = None):
         """The image dataset this zoo was trained on (the same splits; checked against the manifest's digests)."""
-        from raysys.hyperrep.evaluate import zoo_dataset
-
         return zoo_dataset(self.manifest, data_root)
 
     def to_ray_dataset(self, columns: list[str] | None = None, **read_kwargs):
@@ -813,6 +827,80 @@ def weights_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return w.astype(np.float32, copy=False)
 
 
+def zoo_dataset(manifest: dict, data_root: str | None = None) -> "datasets.ImageData":
+    """The image dataset a zoo was trained on, checked against the digests in its manifest.
+
+    Loader options (and the data root, unless ``data_root`` is given) come from the zoo config's
+    dataset section, the split seed from the dataset record, so the test images are the zoo's.
+    """
+    from raysys import datasets
+
+    record = manifest.get("dataset") or {}
+    name = record.get("name")
+    if name is None:
+        raise RaysysError("the zoo manifest has no dataset record ('dataset.name'); it was not written by "
+                          "'raysys zoo generate'. Regenerate the zoo.")
+    accepted = set(datasets.options_of(name)) if name in datasets.LOADERS else set()
+    section = (manifest.get("config") or {}).get("dataset") or {}
+    section = {**section, **(section.get("options") or {})} if isinstance(section, dict) else {}
+    options = {k: v for k, v in section.items() if k in accepted and k not in ("root", "download")}
+    seed = (record.get("preprocessing") or {}).get("split_seed")
+    if seed is not None and "seed" in accepted:
+        options.setdefault("seed", seed)
+    data = datasets.load(name, root=data_root if data_root is not None else section.get("root"), **options)
+    want = (record.get("sha256_16") or {}).get("test")
+    have = data.describe()["sha256_16"]["test"]
+    if want is not None and want != have:
+        raise RaysysError(
+            f"the '{name}' test images loaded here (options {options}) differ from the ones the zoo was "
+            f"trained on (digest {have} vs {want} in the manifest). Point --data-root at the same copy of "
+            f"the dataset the zoo used.")
+    return data
+
+
+def schema_problem(arrow_schema, num_params: int) -> str | None:
+    """Why a shard's Parquet schema does not fit a zoo of ``num_params`` parameters (None: it fits)."""
+    want = schema(num_params)
+    missing = [n for n in want.names if n not in arrow_schema.names]
+    if missing:
+        return f"columns {missing} are missing"
+    weights = arrow_schema.field("weights").type
+    shape = getattr(weights, "shape", None)  # the first layout's fixed_shape_tensor
+    if shape is not None and len(shape) != 1:
+        return f"weights have shape {' x '.join(map(str, shape))} but the manifest's layout has {num_params} parameters"
+    storage = getattr(weights, "storage_type", weights)
+    if not pa.types.is_fixed_size_list(storage) or storage.value_type != pa.float32():
+        return f"weights are {weights}, not a fixed-size list of float32"
+    if storage.list_size != num_params:
+        return f"weights have length {storage.list_size} but the manifest's layout has {num_params} parameters"
+    return None
+
+
+def check_schema(zoo) -> None:
+    """Refuse a zoo whose manifest and Parquet data disagree (cheap: reads only the first shard's footer)."""
+    files = zoo.shard_files()
+    if not files:
+        return
+    try:
+        num_params = zoo.num_params
+    except (KeyError, TypeError, ValueError) as err:
+        raise RaysysError(f"zoo {zoo.root}: manifest.json has no usable layout ({err!r}). The manifest is not one "
+                          f"raysys wrote; regenerate the zoo with 'raysys zoo generate CONFIG --out DIR'.") from None
+    stated = zoo.manifest.get("num_params")
+    if stated is not None and stated != num_params:
+        raise RaysysError(f"zoo {zoo.root}: manifest.json says num_params {stated} but its layout has {num_params}. "
+                          f"The manifest was edited or mixed from two zoos; regenerate the zoo into a new --out.")
+    try:
+        problem = schema_problem(pq.read_schema(files[0]), num_params)
+    except Exception as err:
+        raise RaysysError(f"zoo {zoo.root}: {files[0].name} is not readable Parquet ({type(err).__name__}). "
+                          f"Run 'raysys zoo verify {zoo.root}', then rerun 'raysys zoo generate' to rewrite it.") from None
+    if problem:
+        raise RaysysError(f"zoo {zoo.root}: manifest and data disagree: {files[0].name}: {problem}. The shards come "
+                          f"from another zoo or the manifest was replaced; regenerate the zoo into a new --out "
+                          f"directory (or restore its own manifest.json).")
+
+
 def open_zoo(root: str | Path, check: bool = True, partial: bool = False) -> Zoo:
     """Open a zoo directory; ``check`` also refuses a manifest whose layout disagrees with the data;
     ``partial`` allows reading a zoo whose generation has not finished (the shards written so far)."""
@@ -820,13 +908,11 @@ def open_zoo(root: str | Path, check: bool = True, partial: bool = False) -> Zoo
     manifest = read_manifest(root)
     zoo = Zoo(root, manifest, partial)
     if check:
-        from raysys.integrity import check_schema  # cheap: the first shard's Parquet footer
-
         try:
             Layout.from_dict(manifest["layout"])
         except Exception as err:
             raise StoreError(damaged_manifest(root, f"it has no usable layout ({type(err).__name__}: {err})")) from None
-        check_schema(zoo)
+        check_schema(zoo)  # cheap: the first shard's Parquet footer
     return zoo
 
 

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
+from urllib.parse import urlparse
 
 from raysys.config import RaysysError
 
@@ -29,6 +32,7 @@ MODEL_TRAINING = "custom_model_development"
 # tables...", alembic's "Context impl SQLiteImpl."): raysys says where runs go itself.
 QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+PROBE_TIMEOUT_S = 3.0  # a server that does not answer /health in this long is taken as not there
 # user:password@ in a URI; the password may hold '@' (the last one before the path ends it)
 CREDENTIALS = re.compile(r"(://[^/\s:@]+):[^/\s]+@")
 MASKED = ":***@"
@@ -67,6 +71,37 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         raise TrackingError(f"tracking URI '{uri}' is an MLflow file store, which MLflow 3 refuses. "
                             f"Use a sqlite database instead, e.g. --tracking-uri sqlite:///{suggestion}, "
                             f"or an MLflow server (http://host:5000).")
+    return uri
+
+
+def check_tracking_uri(uri: str | None) -> str:
+    """Resolve an MLflow tracking URI and check it can be used: a server answers, a sqlite file's folder exists."""
+    uri = resolve_tracking_uri(uri)
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            # without user:password@ (urllib takes it for the host); a server that wants them answers 401: reached
+            host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname or ""
+            probe = parsed._replace(netloc=host + (f":{parsed.port}" if parsed.port else "")).geturl()
+            with urllib.request.urlopen(probe.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S):  # noqa: S310 - http(s)
+                pass
+        except urllib.error.HTTPError:
+            pass  # something answered: an MLflow behind a proxy may not expose /health
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise TrackingError(f"cannot reach the MLflow server at {mask_uri(uri)} ({reason}). Start it ('raysys mlflow serve') "
+                                f"or fix --tracking-uri; or log locally with --tracking-uri "
+                                f"sqlite:////absolute/path/mlflow.db.") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        if db.is_dir():
+            raise TrackingError(f"the MLflow database {db} is a directory. Name a file: --tracking-uri sqlite:///{db / 'mlflow.db'}.")
+        ancestor = db.parent
+        while not ancestor.exists():  # MLflow creates missing folders, but not through a file
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise TrackingError(f"the MLflow database {db} cannot be created: {ancestor} is a file, not a directory. "
+                                f"Pass --tracking-uri sqlite:////a/directory/mlflow.db.")
     return uri
 
 
@@ -134,8 +169,6 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
     The run ends FAILED if the block raises, KILLED on Ctrl-C, FINISHED otherwise.
     """
     import mlflow
-
-    from raysys.integrity import check_tracking_uri
 
     quiet_logs()
     uri = check_tracking_uri(tracking_uri)  # resolves it too

@@ -150,7 +150,7 @@ def test_save_pretrained_then_from_pretrained_gives_identical_outputs(tmp_path):
 
 def test_a_folder_from_hyperrep_train_loads_with_from_pretrained(trained, tmp_path):
     from raysys.hyperrep import HyperRepresentation
-    from raysys.hyperrep.checkpoint import load_for_zoo
+    from raysys.hyperrep.model import load_for_zoo
 
     ckpt = trained / "runs" / "tetris-ae"
     hr = HyperRepresentation.from_pretrained(ckpt)

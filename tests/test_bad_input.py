@@ -302,7 +302,7 @@ def test_tracking_check_accepts_a_live_server_and_sqlite_in_an_existing_dir(tmp_
     import http.server
     import threading
 
-    from raysys.integrity import check_tracking_uri
+    from raysys.tracking import check_tracking_uri
     from raysys.tracking import TrackingError
 
     server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # answers 501: alive

@@ -14,7 +14,7 @@ from raysys import datasets
 from raysys.architectures import build, flatten, init_model, layout_of, split_vector, unflatten
 from raysys.config import ConfigError, RaysysError, load, validate
 from raysys.hyperrep.augment import Augmenter, Permuter, add_noise, random_erase
-from raysys.hyperrep.checkpoint import load_for_zoo
+from raysys.hyperrep.model import load_for_zoo
 from raysys.hyperrep.config import HyperRepConfig
 from raysys.hyperrep.losses import layer_statistics, ntxent, positive_only, r2_score, reconstruction_loss
 from raysys.hyperrep.model import HyperRepresentation

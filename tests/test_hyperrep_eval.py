@@ -202,7 +202,7 @@ def test_eval_cli_bad_checkpoint_is_a_clear_error(trained, capsys, tmp_path):
 
 @pytest.mark.slow
 def test_zoo_dataset_refuses_different_images(trained):
-    from raysys.hyperrep.evaluate import zoo_dataset
+    from raysys.store import zoo_dataset
 
     manifest = open_zoo(trained["zoo"]).manifest
     assert zoo_dataset(manifest).describe()["sha256_16"] == manifest["dataset"]["sha256_16"]

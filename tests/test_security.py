@@ -236,7 +236,7 @@ def test_a_password_in_a_tracking_uri_is_masked_in_errors_and_server_output(caps
     import socket
 
     from raysys import cli
-    from raysys.integrity import check_tracking_uri
+    from raysys.tracking import check_tracking_uri
     from raysys.tracking import TrackingError, mask_uri
 
     assert mask_uri("postgresql://alice:s3cretpw@db:5432/mlflow") == "postgresql://alice:***@db:5432/mlflow"

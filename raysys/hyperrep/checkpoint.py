@@ -70,12 +70,12 @@ def read_meta(directory: str | Path) -> dict:
     return meta
 
 
-def load_checkpoint(directory: str | Path, device: str = "cpu"):
-    from raysys.hyperrep.model import HyperRepresentation
-
+def load_checkpoint(cls, directory: str | Path, device: str = "cpu"):
+    """The checkpoint in ``directory`` as a ``cls`` (:class:`~raysys.hyperrep.model.HyperRepresentation`, which
+    passes itself: this module holds the file format and never imports the model)."""
     meta = read_meta(directory)
     config = validate(HyperRepConfig, meta["config"], source=str(Path(directory) / CONFIG))
-    model = HyperRepresentation(config, Layout.from_dict(meta["layout"]))
+    model = cls(config, Layout.from_dict(meta["layout"]))
     state = load_file(str(Path(directory) / WEIGHTS), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
@@ -83,15 +83,6 @@ def load_checkpoint(directory: str | Path, device: str = "cpu"):
                           f"unexpected {unexpected[:3]}); the files come from different runs. Retrain it.")
     model.meta = meta
     return model.to(device).eval()
-
-
-def load_for_zoo(directory: str | Path, zoo_dir: str | Path, device: str = "cpu"):
-    """Load a checkpoint and check that ``zoo_dir`` holds the architecture it was trained on."""
-    from raysys.store import open_zoo
-
-    model = load_checkpoint(directory, device)
-    model.check_layout(open_zoo(zoo_dir).layout, what=f"zoo {zoo_dir}")
-    return model
 
 
 class HubCheckpoint(PyTorchModelHubMixin, library_name="raysys", tags=["raysys", "hyper-representation"]):
@@ -120,7 +111,4 @@ class HubCheckpoint(PyTorchModelHubMixin, library_name="raysys", tags=["raysys",
             hf_hub_download(model_id, CONFIG, revision=revision, cache_dir=cache_dir, force_download=force_download,
                             local_files_only=local_files_only, token=token)
             directory = Path(weights).parent
-        model = load_checkpoint(directory, device or map_location)
-        if not isinstance(model, cls):
-            raise RaysysError(f"{model_id} holds a {type(model).__name__}, not a {cls.__name__}")
-        return model
+        return load_checkpoint(cls, directory, device or map_location)

@@ -35,7 +35,7 @@ from raysys.architectures import Layout
 from raysys.config import RaysysError
 from raysys.probes import LayerStatistics, ood_probes, probe_all, varying_targets
 from raysys.integrity import check_output_dir
-from raysys.store import atomic_write_bytes, atomic_write_json, jsonable, open_zoo
+from raysys.store import atomic_write_bytes, atomic_write_json, jsonable, open_zoo, zoo_dataset
 
 EVAL_BATCH = 1024
 NEAR_CHANCE = 0.05  # a model is "near chance" when its accuracy is below 1/num_classes + 5 points
@@ -200,35 +200,6 @@ def decode(hr, z: np.ndarray) -> np.ndarray:
 
 
 # --- decoded models on images ---------------------------------------------------------------
-
-def zoo_dataset(manifest: dict, data_root: str | None = None) -> datasets.ImageData:
-    """The image dataset a zoo was trained on, checked against the digests in its manifest.
-
-    Loader options (and the data root, unless ``data_root`` is given) come from the zoo config's
-    dataset section, the split seed from the dataset record, so the test images are the zoo's.
-    """
-    record = manifest.get("dataset") or {}
-    name = record.get("name")
-    if name is None:
-        raise RaysysError("the zoo manifest has no dataset record ('dataset.name'); it was not written by "
-                          "'raysys zoo generate'. Regenerate the zoo.")
-    accepted = set(datasets.options_of(name)) if name in datasets.LOADERS else set()
-    section = (manifest.get("config") or {}).get("dataset") or {}
-    section = {**section, **(section.get("options") or {})} if isinstance(section, dict) else {}
-    options = {k: v for k, v in section.items() if k in accepted and k not in ("root", "download")}
-    seed = (record.get("preprocessing") or {}).get("split_seed")
-    if seed is not None and "seed" in accepted:
-        options.setdefault("seed", seed)
-    data = datasets.load(name, root=data_root if data_root is not None else section.get("root"), **options)
-    want = (record.get("sha256_16") or {}).get("test")
-    have = data.describe()["sha256_16"]["test"]
-    if want is not None and want != have:
-        raise RaysysError(
-            f"the '{name}' test images loaded here (options {options}) differ from the ones the zoo was "
-            f"trained on (digest {have} vs {want} in the manifest). Point --data-root at the same copy of "
-            f"the dataset the zoo used.")
-    return data
-
 
 @torch.no_grad()
 def accuracies(layout: Layout, weights: np.ndarray, activations, data: datasets.ImageData) -> np.ndarray:

@@ -24,7 +24,7 @@ from torch import nn
 
 from raysys.architectures import Layout
 from raysys.config import RaysysError
-from raysys.hyperrep.checkpoint import HubCheckpoint
+from raysys.hyperrep.checkpoint import HubCheckpoint, load_checkpoint, save_checkpoint
 from raysys.hyperrep.config import HyperRepConfig
 from raysys.hyperrep.tokens import Tokenizer
 
@@ -207,10 +207,17 @@ class HyperRepresentation(nn.Module, HubCheckpoint):  # HubCheckpoint: save_pret
                 f"architecture, or train one with 'raysys hyperrep train CONFIG --zoo DIR --out DIR'.")
 
     def save(self, directory: str | Path, meta: dict | None = None) -> Path:
-        from raysys.hyperrep.checkpoint import save_checkpoint
         return save_checkpoint(self, directory, meta or {})
 
     @classmethod
     def load(cls, directory: str | Path, device: str = "cpu") -> "HyperRepresentation":
-        from raysys.hyperrep.checkpoint import load_checkpoint
-        return load_checkpoint(directory, device)
+        return load_checkpoint(cls, directory, device)
+
+
+def load_for_zoo(directory: str | Path, zoo_dir: str | Path, device: str = "cpu") -> HyperRepresentation:
+    """Load a checkpoint and check that ``zoo_dir`` holds the architecture it was trained on."""
+    from raysys.store import open_zoo
+
+    model = HyperRepresentation.load(directory, device)
+    model.check_layout(open_zoo(zoo_dir).layout, what=f"zoo {zoo_dir}")
+    return model

@@ -382,9 +382,7 @@ def _existing_run(tracking_uri, run_id: str | None) -> str | None:
     """``run_id`` when the tracking store still has it, else None (the resumed training gets a new run)."""
     if not run_id:
         return None
-    from raysys.integrity import check_tracking_uri
-
-    check_tracking_uri(tracking_uri)  # an unreachable server fails fast here, not after MLflow's retries
+    tracking.check_tracking_uri(tracking_uri)  # an unreachable server fails fast here, not after MLflow's retries
     try:
         tracking.client(tracking_uri).get_run(run_id)
         return run_id
