@@ -179,3 +179,148 @@ def _filter_worker_logs() -> None:
     with dispatcher._lock:
         dispatcher.handlers = [(name, quiet_handler(h) if name == "ray_print_logs" else h)
                                for name, h in dispatcher.handlers]
+
+
+# --- MLflow in a helper process ------------------------------------------------------------------------
+
+class TrackingProcess:
+    """One MLflow run kept by a helper process, so that importing MLflow (and its database layer: about two
+    seconds of single-threaded imports) runs on another core while this process loads the data and trains.
+
+    Created early (it imports MLflow at once), used late: :meth:`run` opens the run with
+    :func:`raysys.tracking.start_run` in the helper and ends it FINISHED, FAILED (the block raised) or KILLED
+    (Ctrl-C) as that function does; metrics and artifacts go through it. The helper ignores Ctrl-C (this
+    process decides how the run ends); if this process dies, the helper ends the run FAILED and exits.
+    Errors in the helper come back as :class:`raysys.tracking.TrackingError` with the helper's message."""
+
+    def __init__(self, tracking_uri: str):
+        import multiprocessing as mp
+        import threading
+
+        ctx = mp.get_context("spawn")  # a fresh interpreter: no torch, no Ray, no threads inherited
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_tracking_main, args=(child, tracking_uri), daemon=True,
+                                 name="raysys-mlflow")
+        self._proc.start()
+        child.close()
+        self._lock = threading.Lock()
+        self.run_id: str | None = None
+
+    def _call(self, *msg):
+        from raysys.tracking import TrackingError
+
+        with self._lock:
+            try:
+                self._conn.send(msg)
+                reply = self._conn.recv()
+            except (EOFError, OSError, BrokenPipeError):
+                raise TrackingError(f"the MLflow helper process ended unexpectedly (exit code "
+                                    f"{self._proc.exitcode}) during '{msg[0]}'") from None
+        if reply[0] == "error":
+            raise TrackingError(reply[1])
+        return reply[1:]
+
+    def run(self, experiment: str, run_name: str | None, tags: dict, params: dict):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def opened():
+            (self.run_id,) = self._call("start", experiment, run_name, tags, params)
+            status = "FINISHED"
+            try:
+                yield self
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise
+            except BaseException:
+                status = "FAILED"
+                raise
+            finally:
+                try:
+                    self._call("end", status)
+                except Exception:
+                    if status == "FINISHED":
+                        raise
+        return opened()
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        self._call("metrics", {k: float(v) for k, v in metrics.items()}, step)
+
+    def log_artifact(self, path) -> None:
+        self._call("artifact", str(path))
+
+    def close(self) -> None:
+        try:
+            with self._lock:
+                self._conn.send(("close",))
+                self._conn.recv()
+        except Exception:  # noqa: S110 - it is gone already
+            pass
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.terminate()
+        self._conn.close()
+
+
+def _tracking_main(conn, tracking_uri: str) -> None:
+    """The helper's loop (see :class:`TrackingProcess`)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    run_ctx = None
+    try:
+        import mlflow
+
+        from raysys import tracking
+
+        if tracking_uri.startswith(("sqlite:", "postgresql:", "mysql:", "mssql:")):
+            import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - warm: the run's store needs it
+    except Exception as err:  # answered on the first request
+        import_error = f"cannot import MLflow: {type(err).__name__}: {err}"
+    else:
+        import_error = None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):  # the parent is gone
+            msg = ("end", "FAILED") if run_ctx is not None else ("close",)
+            if run_ctx is not None:
+                try:
+                    run_ctx.__exit__(RuntimeError, RuntimeError("the raysys process ended"), None)
+                except Exception:  # noqa: S110 - nobody is left to tell
+                    pass
+            return
+        kind = msg[0]
+        try:
+            if import_error:
+                raise RuntimeError(import_error)
+            if kind == "start":
+                _, experiment, run_name, tags, params = msg
+                run_ctx = tracking.start_run(tracking_uri, experiment, run_name=run_name, tags=tags, params=params)
+                run = run_ctx.__enter__()
+                conn.send(("ok", run.info.run_id))
+            elif kind == "metrics":
+                mlflow.log_metrics(msg[1], step=msg[2])
+                conn.send(("ok",))
+            elif kind == "artifact":
+                mlflow.log_artifact(msg[1])
+                conn.send(("ok",))
+            elif kind == "end":
+                ctx, run_ctx = run_ctx, None
+                if ctx is not None:
+                    if msg[1] == "FINISHED":
+                        ctx.__exit__(None, None, None)
+                    elif msg[1] == "KILLED":
+                        ctx.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+                    else:
+                        ctx.__exit__(RuntimeError, RuntimeError("the zoo generation failed"), None)
+                conn.send(("ok",))
+            elif kind == "close":
+                conn.send(("ok",))
+                return
+        except Exception as err:
+            text = str(err) if type(err).__name__ == "TrackingError" else f"MLflow: {type(err).__name__}: {err}"
+            try:
+                conn.send(("error", text))
+            except Exception:
+                return

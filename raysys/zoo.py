@@ -601,7 +601,7 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
     ``out_dir`` has the same config. One MLflow run per call: params are the flattened config,
     metrics the progress, artifacts the manifest and a plot of accuracy over epochs.
     """
-    from raysys import datasets, runtime
+    from raysys import runtime
     from raysys.integrity import check_output_dir, check_ray_address, check_tracking_uri
 
     if isinstance(config, (str, Path)):
@@ -612,6 +612,16 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
     if not _ray_initialized():
         check_ray_address(runtime.resolve_address(config.ray_address))
     tracking_uri = check_tracking_uri(config.mlflow.tracking_uri)
+    tracker = runtime.TrackingProcess(tracking_uri)  # imports MLflow on another core while this one works
+    try:
+        return _generate_locked(config, out_dir, tracking_uri, tracker, progress)
+    finally:
+        tracker.close()
+
+
+def _generate_locked(config: ZooConfig, out_dir: Path, tracking_uri: str, tracker, progress: bool) -> dict:
+    from raysys import datasets, runtime
+
     specs = expand(config)
     shards = plan_shards(specs, config.models_per_shard)
     splits = splits_for(len(specs), config.split_seed)
@@ -639,7 +649,7 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
                 _check_resources(config, local=started_ray and runtime.resolve_address(config.ray_address) == runtime.LOCAL)
             ZooWriter(out_dir).write_manifest(_manifest(config, data, shards, splits, "running"))
             _clean_partial_files(out_dir)
-            return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress,
+            return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracker, progress,
                              runner)
     finally:
         if started_ray:
@@ -715,10 +725,8 @@ def _check_resources(config: ZooConfig, local: bool) -> None:
                           f"has {have.get('CPU', 0):g}. Lower --workers or resources.cpus_per_worker.")
 
 
-def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracking_uri, progress,
+def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracker, progress,
               runner="ray_train") -> dict:
-    from raysys import tracking
-
     writer = ZooWriter(out_dir)
     total = len(specs) * config.epochs
     done_model_epochs = sum(len(s.model_ids) for s in shards if s not in pending) * config.epochs
@@ -727,22 +735,19 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
     tags = {"raysys.stage": "zoo", "raysys.zoo": config.name, "raysys.out_dir": str(out_dir),
             "raysys.version": __version__, "raysys.resumed": str(resuming).lower(), "raysys.runner": runner,
             **(cluster_tags() if _ray_initialized() else {})}
-    with tracking.start_run(tracking_uri, config.mlflow.experiment, run_name=config.name,
-                            tags=tags, params=config.model_dump(mode="json")) as run:
-        import mlflow
-
-        mlflow.log_metrics({"models": len(specs), "shards_planned": len(shards),
+    with tracker.run(config.mlflow.experiment, config.name, tags, config.model_dump(mode="json")) as run:
+        run.log_metrics({"models": len(specs), "shards_planned": len(shards),
                             "shards_skipped": len(shards) - len(pending)})
         t0 = time.time()
         if pending and runner == "in_process":
             counter = _Progress()
             with _ProgressWatcher(counter.get, total, done_model_epochs, len(shards) - len(pending), len(shards),
-                                  run.info.run_id, tracking_uri, progress):
+                                  tracker.log_metrics, progress):
                 _run_in_process(config, out_dir, data, specs, pending, splits, counter)
         elif pending:
             actor = _progress_actor()
             with _ProgressWatcher(_actor_poll(actor), total, done_model_epochs, len(shards) - len(pending),
-                                  len(shards), run.info.run_id, tracking_uri, progress):
+                                  len(shards), tracker.log_metrics, progress):
                 _run_trainer(config, out_dir, pending, splits, actor)
         wall = time.time() - t0
         missing = [s.shard for s in shards if not writer.is_complete(s.shard)]
@@ -756,12 +761,12 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
         summary = summarize(zoo)
         plot = out_dir / META / SUMMARY_PLOT
         plot_accuracy(zoo, plot)
-        mlflow.log_metrics({"model_epochs_done": total, "wall_s": wall,
+        run.log_metrics({"model_epochs_done": total, "wall_s": wall,
                             "test_acc_last_mean": summary["test_acc_last"][0],
                             "test_acc_last_std": summary["test_acc_last"][1],
                             "diverged_models": summary["diverged_models"]})
-        mlflow.log_artifact(str(manifest_path(out_dir)))
-        mlflow.log_artifact(str(plot))
+        run.log_artifact(str(manifest_path(out_dir)))
+        run.log_artifact(str(plot))
     shutil.rmtree(out_dir / ".ray_train", ignore_errors=True)  # Ray Train's run records; the zoo is complete
     return manifest
 
@@ -779,16 +784,14 @@ class _ProgressWatcher:
     """Polls the progress counter (``poll() -> (model_epochs, shards)``) from a thread: tqdm bar (models x epochs,
     rate, ETA) and MLflow metrics."""
 
-    def __init__(self, poll, total, done, shards_done, shards_total, run_id, tracking_uri, show, interval=0.5):
+    def __init__(self, poll, total, done, shards_done, shards_total, log_metrics, show, interval=0.5):
         from tqdm import tqdm
 
-        from raysys import tracking
-
+        self.log_metrics = log_metrics  # (metrics, step): the run's, thread-safe
         self.poll, self.done, self.shards_done, self.interval = poll, done, shards_done, interval
         self.shards_total = shards_total
         self.bar = tqdm(total=total, initial=done, unit="model-epoch", desc="zoo", disable=not show,
                         dynamic_ncols=True, smoothing=0.1)
-        self.client, self.run_id = tracking.client(tracking_uri), run_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.last_logged, self.last_value = 0.0, None
@@ -806,8 +809,7 @@ class _ProgressWatcher:
         if force or (now != self.last_value and time.time() - self.last_logged > 5):
             self.last_logged, self.last_value = time.time(), now
             try:
-                self.client.log_metric(self.run_id, "model_epochs_done", now, step=now)
-                self.client.log_metric(self.run_id, "shards_done", self.shards_done + shards, step=now)
+                self.log_metrics({"model_epochs_done": now, "shards_done": self.shards_done + shards}, step=now)
             except Exception:  # noqa: S110 - progress metrics must never break a generation
                 pass
 

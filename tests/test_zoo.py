@@ -426,3 +426,33 @@ def test_both_runners_write_the_same_zoo(tmp_path, ray_local, mlflow_uri):
         assert ZooWriter(a).shard_path(s).read_bytes() == ZooWriter(b).shard_path(s).read_bytes()
     strip = lambda m: {k: v for k, v in m.items() if k != "config"}  # noqa: E731 - config.resources.runner differs
     assert strip(ma) == strip(mb)
+
+
+def test_the_mlflow_helper_process_ends_runs_as_the_block_ends(tmp_path, mlflow_uri):
+    """zoo generate keeps its MLflow run in a helper process (raysys.runtime.TrackingProcess): metrics and
+    artifacts arrive, a block that raises ends the run FAILED, a normal one FINISHED, and errors come back."""
+    from mlflow.tracking import MlflowClient
+
+    from raysys.runtime import TrackingProcess
+    from raysys.tracking import TrackingError
+
+    art = tmp_path / "a.txt"
+    art.write_text("x")
+    tracker = TrackingProcess(mlflow_uri)
+    try:
+        with tracker.run("helper", "ok", {"t": "1"}, {"a": {"b": 2}}) as run:
+            run.log_metrics({"m": 3}, step=1)
+            run.log_artifact(art)
+        ok = tracker.run_id
+        with pytest.raises(ValueError), tracker.run("helper", "bad", {}, {}):
+            raise ValueError("boom")
+        bad = tracker.run_id
+        with pytest.raises(TrackingError, match="MLflow"), tracker.run("helper", "x", {}, {}) as run:
+            run.log_artifact(tmp_path / "missing.txt")
+    finally:
+        tracker.close()
+    client = MlflowClient(mlflow_uri)
+    r = client.get_run(ok)
+    assert r.info.status == "FINISHED" and r.data.metrics["m"] == 3 and r.data.params["a.b"] == "2"
+    assert r.data.tags["t"] == "1" and [a.path for a in client.list_artifacts(ok)] == ["a.txt"]
+    assert client.get_run(bad).info.status == "FAILED"
