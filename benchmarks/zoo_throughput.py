@@ -113,7 +113,7 @@ def run_cli(models: int, epochs: int, workers: int | None, work: Path) -> dict:
     out = Path(tempfile.mkdtemp(prefix=f"zoo-{models}-", dir=work))
     shutil.rmtree(out)
     cmd = [sys.executable, "-m", "raysys.cli", "zoo", "generate", str(CLI_CONFIG), "--out", str(out),
-           "--models", str(models), "--epochs", str(epochs), "--no-progress",
+           "--models", str(models), "--set", f"seeds.count={max(models, 100)}", "--epochs", str(epochs), "--no-progress",
            "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"]
     if workers is not None:
         cmd += ["--workers", str(workers)]
