@@ -506,17 +506,14 @@ def link_runs(uri: str, config: PipelineConfig, out: Path, runs: dict, report: d
     """One pipeline run that points at the stage runs; stage runs tagged with their parents and the pipeline."""
     from raysys import tracking
 
-    client = tracking.client(uri)
-    exp_id = tracking.experiment_id(uri, EXPERIMENTS["pipeline"])
     tags = {"raysys.stage": "pipeline", "raysys.pipeline": config.name, "raysys.out_dir": str(out),
             "raysys.version": __version__, **{f"raysys.{k}_run": v for k, v in runs.items() if v}}
-    run = client.create_run(exp_id, run_name=config.name, tags=tags)
-    rid = run.info.run_id
-    from mlflow.entities import Metric, Param
+    client, rid = tracking.new_run(uri, EXPERIMENTS["pipeline"], run_name=config.name, tags=tags,
+                                   params={"hash": report.get("hashes", {})})
+    from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in flat_metrics(report).items()],
-                     params=[Param(f"hash.{k}", v) for k, v in report.get("hashes", {}).items()])
+    client.log_batch(rid, metrics=[Metric(k, v, now, 0) for k, v in flat_metrics(report).items()])
     for name in ["report.md", "report.json", *report.get("figures", [])]:
         if (out / name).exists():
             client.log_artifact(rid, str(out / name))
@@ -526,13 +523,8 @@ def link_runs(uri: str, config: PipelineConfig, out: Path, runs: dict, report: d
                "hyperrep_nolwln": {"raysys.parent_zoo_run": runs.get("zoo")},
                "populations": {"raysys.parent_zoo_run": runs.get("zoo"),
                                "raysys.parent_hyperrep_run": runs.get("hyperrep")}}
-    for stage, stage_run in runs.items():
-        if not stage_run:
-            continue
-        for key, value in {"raysys.pipeline_run": rid, "raysys.pipeline": config.name,
-                           **parents.get(stage, {})}.items():
-            if value:
-                client.set_tag(stage_run, key, value)
+    tracking.tag_runs(client, {stage_run: {"raysys.pipeline_run": rid, "raysys.pipeline": config.name,
+                                           **parents.get(stage, {})} for stage, stage_run in runs.items()})
     client.set_terminated(rid, "FINISHED")
     return {"tracking_uri": mask_uri(uri), "pipeline_run": rid, **{f"{k}_run": v for k, v in runs.items()}}
 

@@ -456,7 +456,7 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
 
     ``config`` is what :class:`DefineByRun` returned (plus Optuna's raw parameter names, ignored).
     The trial's MLflow child run is hyperrep.train's own run: created here under the search's
-    parent and handed to train through ``MLFLOW_RUN_ID``, so it holds the full autoencoder params,
+    parent and handed to train (``mlflow_run_id``), so it holds the full autoencoder params,
     learning curves and checkpoint, plus the objectives logged below. A trial restored by Tune
     (``Tuner.restore``) continues from its last checkpoint: ``train(..., resume=True)`` picks up the
     resume state in it, so the same MLflow run gets each epoch once.
@@ -521,12 +521,8 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
             _report(result, work)
             last["result"] = result
 
-        os.environ["MLFLOW_RUN_ID"] = run_id  # train's start_run resumes this run (and clears the variable)
-        try:
-            train(hyperrep, zoo_dir, work, tracking_uri=tracking["tracking_uri"],
-                  experiment=tracking["experiment"], report=report, progress=False, resume=restored is not None)
-        finally:
-            os.environ.pop("MLFLOW_RUN_ID", None)
+        train(hyperrep, zoo_dir, work, tracking_uri=tracking["tracking_uri"], experiment=tracking["experiment"],
+              report=report, progress=False, resume=restored is not None, mlflow_run_id=run_id)
         final = dict(last["result"], completed=1)
         final.update(evaluate(final["epoch"]))  # early stop (patience) may end between evaluations
         _report(final, work)
@@ -537,19 +533,18 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
 def child_run(tracking: dict, trial_id: str, sampler: dict | None = None, create: bool = True) -> str | None:
     """The MLflow child run of a trial under the search's parent run: found by tag (a resumed
     trial keeps its run), else created with the sampler settings as params."""
-    from mlflow.entities import Param
+    from raysys.tracking import PARENT_TAG, client as mlflow_client, new_run
 
-    from raysys.tracking import client as mlflow_client
-
-    c = mlflow_client(live_uri(tracking["tracking_uri"]))
-    found = c.search_runs([tracking["experiment_id"]], filter_string=(
-        f"tags.raysys_trial_id = '{trial_id}' and tags.`mlflow.parentRunId` = '{tracking['parent_run_id']}'"))
+    uri = live_uri(tracking["tracking_uri"])
+    found = mlflow_client(uri).search_runs([tracking["experiment_id"]], filter_string=(
+        f"tags.raysys_trial_id = '{trial_id}' and tags.`{PARENT_TAG}` = '{tracking['parent_run_id']}'"))
     if found or not create:
         return found[0].info.run_id if found else None
-    run = c.create_run(tracking["experiment_id"], run_name=f"trial-{trial_id}", tags={
-        "mlflow.parentRunId": tracking["parent_run_id"], "raysys_trial_id": trial_id, "raysys.stage": "search-trial"})
-    c.log_batch(run.info.run_id, params=[Param(f"sampler.{k}", str(v)) for k, v in (sampler or {}).items()])
-    return run.info.run_id
+    _, run_id = new_run(uri, run_name=f"trial-{trial_id}", exp_id=tracking["experiment_id"],
+                        parent=tracking["parent_run_id"],
+                        tags={"raysys_trial_id": trial_id, "raysys.stage": "search-trial"},
+                        params={f"sampler.{k}": str(v) for k, v in (sampler or {}).items()})
+    return run_id
 
 
 def _report(result: dict, work: Path) -> None:
@@ -728,19 +723,14 @@ def write_state(out: Path, state: dict) -> None:
 
 
 def _start_parent(search: SearchConfig, tracking_uri: str, out: Path, zoo_dir: str) -> dict:
-    from raysys.tracking import client, experiment_id, flatten_params
-    from mlflow.entities import Param
+    from raysys.tracking import experiment_id, new_run
 
-    c = client(tracking_uri)
     exp_id = experiment_id(tracking_uri, search.mlflow.experiment)
-    run = c.create_run(exp_id, run_name=f"search-{out.name}",
-                       tags={"raysys.stage": "search", "raysys.out": str(out), "raysys.zoo": zoo_dir})
-    params = flatten_params({"search": search.model_dump(mode="json", exclude={"base"}), "zoo": zoo_dir})
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        c.log_batch(run.info.run_id, params=items[i:i + 100])
-    c.log_dict(run.info.run_id, search.base, "base_hyperrep.json")
-    return {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": run.info.run_id, "zoo": zoo_dir}
+    c, run_id = new_run(tracking_uri, run_name=f"search-{out.name}", exp_id=exp_id,
+                        tags={"raysys.stage": "search", "raysys.out": str(out), "raysys.zoo": zoo_dir},
+                        params={"search": search.model_dump(mode="json", exclude={"base"}), "zoo": zoo_dir})
+    c.log_dict(run_id, search.base, "base_hyperrep.json")
+    return {"tracking_uri": tracking_uri, "experiment_id": exp_id, "parent_run_id": run_id, "zoo": zoo_dir}
 
 
 # --- the search ---------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ MODEL_TRAINING = "custom_model_development"
 # tables...", alembic's "Context impl SQLiteImpl."): raysys says where runs go itself.
 QUIET_LOGGERS = ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one param value
+PARAM_BATCH = 100  # MLflow's limit on params in one log_batch
+PARENT_TAG = "mlflow.parentRunId"  # the tag MLflow's UI nests a child run under its parent by
 PROBE_TIMEOUT_S = 3.0  # a server that does not answer /health in this long is taken as not there
 # user:password@ in a URI; the password may hold '@' (the last one before the path ends it)
 CREDENTIALS = re.compile(r"(://[^/\s:@]+):[^/\s]+@")
@@ -166,7 +168,8 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
     """An MLflow run in experiment ``experiment`` (created if missing), params flattened from ``params``.
 
     ``run_id`` continues that existing run (as ``$MLFLOW_RUN_ID`` does) instead of starting one.
-    The run ends FAILED if the block raises, KILLED on Ctrl-C, FINISHED otherwise.
+    The fluent (``mlflow.log_metric``) run of this process; a run logged to from another thread or a driver that
+    holds several at once is :func:`new_run`'s. The run ends FAILED if the block raises, KILLED on Ctrl-C, FINISHED otherwise.
     """
     import mlflow
 
@@ -181,10 +184,7 @@ def start_run(tracking_uri: str | None, experiment: str, run_name: str | None = 
                                      f"Check --tracking-uri (or mlflow.tracking_uri in the config).")) from None
     with mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags) as run:
         if params:
-            flat = flatten_params(params)
-            items = list(flat.items())
-            for i in range(0, len(items), 100):  # MLflow's batch limit
-                mlflow.log_params(dict(items[i:i + 100]))
+            log_params(client(uri), run.info.run_id, params)
         try:
             yield run
         except KeyboardInterrupt:
@@ -250,3 +250,42 @@ def client(tracking_uri: str | None = None):
     uri = resolve_tracking_uri(tracking_uri)
     no_links_with_passwords(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def log_params(c, run_id: str, params: dict | None) -> None:
+    """``params`` flattened (:func:`flatten_params`: nested keys joined by dots, URIs masked, long values cut) onto
+    run ``run_id`` in MLflow's batches of :data:`PARAM_BATCH`: the one place raysys logs params."""
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in flatten_params(params or {}).items()]
+    for i in range(0, len(items), PARAM_BATCH):
+        c.log_batch(run_id, params=items[i:i + PARAM_BATCH])
+
+
+def new_run(tracking_uri: str | None, experiment: str | None = None, run_name: str | None = None,
+            tags: dict[str, str] | None = None, params: dict | None = None, parent: str | None = None,
+            exp_id: str | None = None):
+    """``(client, run_id)``: a RUNNING run created through an explicit ``MlflowClient`` (no global state: safe
+    in a Tune trial, a progress thread, or a driver holding a parent and its children at once).
+
+    In experiment ``experiment`` (created if missing, :func:`experiment_id`), or the one whose id is
+    ``exp_id``; ``parent`` nests it under that run (:data:`PARENT_TAG`); params as :func:`log_params`.
+    The caller ends it (``client.set_terminated(run_id, status)``)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    c = client(uri)
+    exp = exp_id if exp_id is not None else experiment_id(uri, experiment or "Default")
+    tags = {**(tags or {}), **({PARENT_TAG: parent} if parent else {})}
+    run_id = c.create_run(exp, run_name=run_name, tags=tags).info.run_id
+    if params:
+        log_params(c, run_id, params)
+    return c, run_id
+
+
+def tag_runs(c, links: dict[str, dict[str, str | None]]) -> None:
+    """Link runs by tags: ``{run_id: {tag: value}}``, empty run ids and values skipped (a stage that did not run)."""
+    for run_id, tags in links.items():
+        if not run_id:
+            continue
+        for key, value in tags.items():
+            if value:
+                c.set_tag(run_id, key, value)

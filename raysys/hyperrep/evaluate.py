@@ -33,7 +33,7 @@ import torch
 from raysys import architectures, datasets
 from raysys.architectures import Layout
 from raysys.config import RaysysError
-from raysys.probes import LayerStatistics, ood_probes, probe_all, varying_targets
+from raysys.probes import LayerStatistics, ood_probes, probe_all, r2, varying_targets
 from raysys.integrity import check_output_dir
 from raysys.store import atomic_write_bytes, atomic_write_json, jsonable, open_zoo, zoo_dataset
 
@@ -44,17 +44,6 @@ EXPERIMENT = "raysys-hyperrep-eval"
 
 
 # --- weights and representations ------------------------------------------------------------
-
-def r2(original: np.ndarray, decoded: np.ndarray) -> float:
-    """R² = 1 − SSE/SST with SST around each column's own mean over these rows (the split-own-mean
-    convention): scikit-learn's variance-weighted multi-output R². NaN when every column is constant."""
-    from sklearn.metrics import r2_score
-
-    original = np.asarray(original, np.float64)
-    if not np.any(np.ptp(original, axis=0) > 0):
-        return float("nan")
-    return float(r2_score(original, np.asarray(decoded, np.float64), multioutput="variance_weighted"))
-
 
 def r2_ref(original: np.ndarray, decoded: np.ndarray, train_mean: np.ndarray) -> float:
     """The reference codebase's R²: 1 − MSE(decoded) / MSE of predicting ``train_mean`` for every row,
@@ -78,7 +67,7 @@ def _spans(layout: Layout) -> tuple[dict, dict]:
 def reconstruction_r2(original: np.ndarray, decoded: np.ndarray, layout: Layout, train_mean=None) -> dict:
     """R² of decoded vs original flat weights [n, P]: overall, per layer (weight + bias), per tensor.
 
-    Without ``train_mean``: :func:`r2` (split-own mean). With it: :func:`r2_ref` around that mean."""
+    Without ``train_mean``: :func:`raysys.probes.r2` (scikit-learn's, split-own mean). With it: :func:`r2_ref` around that mean."""
     original, decoded = np.asarray(original, np.float64), np.asarray(decoded, np.float64)
     mu = None if train_mean is None else np.asarray(train_mean, np.float64)
 
@@ -486,23 +475,18 @@ def _metric_name(*parts) -> str:
 
 def _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out: Path, figures) -> str:
     """One MLflow run per evaluation, through an explicit client (no global state, safe in Tune)."""
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
+    from mlflow.entities import Metric
 
-    from raysys.tracking import experiment_id, flatten_params, resolve_tracking_uri
+    from raysys.tracking import log_params, new_run
 
-    uri = resolve_tracking_uri(tracking_uri)
-    client = MlflowClient(uri)
-    exp_id = experiment_id(uri, EXPERIMENT)
     tags = {"raysys.stage": "hyperrep-eval", "raysys.checkpoint": str(Path(checkpoint_dir).resolve()),
             "raysys.zoo": str(Path(zoo_dir).resolve()), "raysys.verdict": result["verdict"]}
-    source_run = _checkpoint_run_id(hr)
+    source_run = (getattr(hr, "meta", None) or {}).get("mlflow_run_id")  # the run that trained the checkpoint
     if source_run:
-        tags["raysys.checkpoint_run_id"] = source_run
-    run = client.create_run(exp_id, tags=tags, run_name=f"eval-{Path(checkpoint_dir).name}")
-    rid = run.info.run_id
+        tags["raysys.checkpoint_run_id"] = str(source_run)
+    client, rid = new_run(tracking_uri, EXPERIMENT, run_name=f"eval-{Path(checkpoint_dir).name}", tags=tags)
     try:
-        params = flatten_params({"checkpoint": str(checkpoint_dir), "zoo": str(zoo_dir), "ood_zoo": str(result["ood_zoo"]),
+        log_params(client, rid, {"checkpoint": str(checkpoint_dir), "zoo": str(zoo_dir), "ood_zoo": str(result["ood_zoo"]),
                                  "epochs": result["reconstruction"]["epochs"], "zoo_aligned": result["zoo_aligned"],
                                  "yardstick_fit_epochs": result["reconstruction"]["yardsticks"]["fit"]["epochs"],
                                  "probe_epochs": result["probes"]["epochs"]})
@@ -526,8 +510,7 @@ def _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out: Path, fi
                 metrics.update({_metric_name("probe", metric, target, f): v for f, v in by_features.items()})
         items = [Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)]
         for i in range(0, len(items), 1000):  # MLflow's batch limit
-            client.log_batch(rid, metrics=items[i:i + 1000],
-                             params=[Param(k, v) for k, v in params.items()] if i == 0 else [])
+            client.log_batch(rid, metrics=items[i:i + 1000])
         for path in [out / "probes.csv", out / "accuracy.csv", *figures.values()]:
             client.log_artifact(rid, str(path))
         client.log_dict(rid, jsonable(result), "eval.json")
@@ -536,16 +519,6 @@ def _log_mlflow(tracking_uri, hr, checkpoint_dir, zoo_dir, result, out: Path, fi
         raise
     client.set_terminated(rid, "FINISHED")
     return rid
-
-
-def _checkpoint_run_id(hr) -> str | None:
-    """The MLflow run that trained the checkpoint, if its config.json recorded one."""
-    meta = getattr(hr, "meta", None) or {}
-    for key in ("mlflow_run_id", "run_id"):
-        if meta.get(key):
-            return str(meta[key])
-    nested = meta.get("mlflow") or meta.get("tracking") or {}
-    return str(nested["run_id"]) if isinstance(nested, dict) and nested.get("run_id") else None
 
 
 # --- CLI ------------------------------------------------------------------------------------

@@ -35,9 +35,10 @@ from raysys.config import RaysysError, validate
 from raysys.hyperrep.augment import Augmenter
 from raysys.hyperrep.checkpoint import manifest_sha256
 from raysys.hyperrep.config import HyperRepConfig, LossConfig
-from raysys.hyperrep.losses import CONTRASTIVE, layer_statistics, r2_score, reconstruction_loss
+from raysys.hyperrep.losses import CONTRASTIVE, layer_statistics, reconstruction_loss
 from raysys.hyperrep.model import HyperRepresentation
 from raysys.integrity import check_output_dir
+from raysys.probes import r2
 from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
 
 SPLITS = ("train", "val", "test")
@@ -81,12 +82,13 @@ def evaluate(model: HyperRepresentation, weights: torch.Tensor, batch_size: int 
     inv_var = model.loss_weights()
     return {"rec": float(reconstruction_loss(recon, weights, None if inv_var is None else inv_var.cpu())),
             "mse": float(reconstruction_loss(recon, weights)),
-            "r2": r2_score(recon, weights)}
+            "r2": r2(weights.numpy(), recon.numpy())}
 
 
 def train(config: HyperRepConfig | dict, zoo_dir: str | Path, out_dir: str | Path,
           tracking_uri: str | None = None, report: Report | None = None,
-          experiment: str = "hyperrep", progress: bool = True, resume: bool = False) -> dict:
+          experiment: str = "hyperrep", progress: bool = True, resume: bool = False,
+          mlflow_run_id: str | None = None) -> dict:
     """Train, keep the best checkpoint (by validation reconstruction) in ``out_dir``, return a summary.
 
     ``report(epoch, metrics)`` is called after every epoch (e.g. ``ray.tune.report`` in a trial),
@@ -97,15 +99,17 @@ def train(config: HyperRepConfig | dict, zoo_dir: str | Path, out_dir: str | Pat
     ``resume=True`` continues from ``out_dir/resume/state.safetensors`` (written after every epoch) when it
     exists and starts fresh when it does not, so rerunning the same command is always safe. The
     state must come from the same config (``train.threads`` aside) and zoo manifest, else a
-    :class:`RaysysError` says so. The MLflow run continues too: ``$MLFLOW_RUN_ID`` if set, else the
-    run id recorded in the state (a new run, with a warning, if the tracking store no longer has it).
+    :class:`RaysysError` says so. The MLflow run continues too: ``mlflow_run_id`` (a search trial's run) or
+    ``$MLFLOW_RUN_ID`` if set, else the run id recorded in the state (a new run, with a warning, if the tracking
+    store no longer has it); epochs a joined run already holds are not logged again.
     """
     cfg = config if isinstance(config, HyperRepConfig) else validate(HyperRepConfig, config)
     threads = torch.get_num_threads()
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     try:
-        return _train(cfg, Path(zoo_dir), Path(out_dir), tracking_uri, report, experiment, progress, resume)
+        return _train(cfg, Path(zoo_dir), Path(out_dir), tracking_uri, report, experiment, progress, resume,
+                      mlflow_run_id)
     finally:
         torch.set_num_threads(threads)
 
@@ -235,7 +239,7 @@ def _unpack(obj, tensors: dict):
 
 
 def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, report, experiment, progress,
-           resume: bool = False) -> dict:
+           resume: bool = False, mlflow_run_id: str | None = None) -> dict:
     tc = cfg.train
     check_output_dir(out_dir)
     zoo = open_zoo(zoo_dir)
@@ -283,13 +287,16 @@ def _train(cfg: HyperRepConfig, zoo_dir: Path, out_dir: Path, tracking_uri, repo
             "data": {s: int(len(v)) for s, v in data.items()}}
     params = {**config_json, "zoo": {k: meta["zoo"][k] for k in ("path", "manifest_sha256", "arch")},
               "data": meta["data"]}
-    run_id = None
-    if state is not None and not os.environ.get("MLFLOW_RUN_ID"):  # $MLFLOW_RUN_ID (a search trial) wins
+    # The run to join: a search trial's own (mlflow_run_id), else $MLFLOW_RUN_ID (MLflow's variable) if set; it
+    # wins over the run an interrupted training recorded in its resume state.
+    joined = mlflow_run_id or os.environ.get("MLFLOW_RUN_ID") or None
+    run_id = joined
+    if state is not None and not joined:
         run_id = _existing_run(tracking_uri, state.get("mlflow_run_id"))
-    resumed_run = state is not None and (run_id is not None or bool(os.environ.get("MLFLOW_RUN_ID")))
-    # A search trial joins its own run ($MLFLOW_RUN_ID), which may hold epochs from before an interruption even
-    # when no checkpoint was registered yet: those are redone (same seed) without being logged twice.
-    joined_run = resumed_run or bool(os.environ.get("MLFLOW_RUN_ID"))
+    resumed_run = state is not None and run_id is not None
+    # A joined run (a search trial's) may hold epochs from before an interruption even when no checkpoint was
+    # registered yet: those are redone (same seed) without being logged twice.
+    joined_run = resumed_run or joined is not None
     tags = {"raysys.stage": "hyperrep"}
     if state is not None:
         tags["raysys.resumed_after_epoch"] = str(state["epoch"])

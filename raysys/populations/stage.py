@@ -242,7 +242,7 @@ class _Tracker:
     """One parent run for the stage, one child run per population (MlflowClient, driver side only)."""
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str | None, params: dict, budgets=()):
-        self.client = tracking.client(uri)
+        self.uri, self.client = uri, tracking.client(uri)
         self.budgets = list(budgets)
         self.run_ids: dict[str, str] = {}
         if parent_run_id is not None:
@@ -251,19 +251,14 @@ class _Tracker:
             self.own_parent = False
         else:
             self.experiment_id = tracking.experiment_id(uri, experiment)
-            self.parent = self.client.create_run(self.experiment_id, run_name="populations").info.run_id
+            _, self.parent = tracking.new_run(uri, run_name="populations", exp_id=self.experiment_id, params=params)
             self.own_parent = True
-            from mlflow.entities import Param
-
-            flat = list(tracking.flatten_params(params).items())
-            for i in range(0, len(flat), 100):  # MLflow's batch limit
-                self.client.log_batch(self.parent, params=[Param(k, v) for k, v in flat[i:i + 100]])
 
     def child(self, job: finetune.Job, curve: np.ndarray) -> None:
         from mlflow.entities import Metric, Param
 
-        run = self.client.create_run(self.experiment_id, run_name=job.key,
-                                     tags={"mlflow.parentRunId": self.parent, "raysys.stage": "populations"})
+        _, run_id = tracking.new_run(self.uri, run_name=job.key, exp_id=self.experiment_id, parent=self.parent,
+                                     tags={"raysys.stage": "populations"})
         now = int(time.time() * 1000)
         metrics = [Metric("test_acc_mean", float(np.nanmean(curve[e])), now, e) for e in range(len(curve))]
         metrics += [Metric("test_acc_std", float(np.nanstd(curve[e])), now, e) for e in range(len(curve))]
@@ -277,11 +272,11 @@ class _Tracker:
                 headline[f"acc_ep{b}_mean"] = float(np.nanmean(curve[b]))
                 headline[f"acc_ep{b}_std"] = float(np.nanstd(curve[b]))
         metrics += [Metric(k, v, now, 0) for k, v in headline.items()]
-        self.client.log_batch(run.info.run_id, metrics=metrics, params=params)
+        self.client.log_batch(run_id, metrics=metrics, params=params)
         if headline:
             self.client.log_batch(self.parent, metrics=[Metric(f"{job.setting}/{job.name}/{k}", v, now, 0)
                                                         for k, v in headline.items()])
-        self.run_ids[job.key] = run.info.run_id
+        self.run_ids[job.key] = run_id
 
     def novelty(self, key: str, when: str, summary: dict) -> None:
         from mlflow.entities import Metric
