@@ -27,6 +27,7 @@ from scipy.stats import kendalltau
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, TransformerMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import r2_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
@@ -108,11 +109,14 @@ def _standardize(X_train) -> StandardScaler:
 
 
 def r2(y_true, y_pred) -> float:
-    y_true, y_pred = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)
-    sst = np.sum((y_true - y_true.mean()) ** 2)
-    if sst == 0:
-        return float("nan")  # R² is undefined for a constant target
-    return float(1.0 - np.sum((y_true - y_pred) ** 2) / sst)
+    """R² = 1 − SSE/SST, SST around each column's own mean over these rows: scikit-learn's ``r2_score(y_true,
+    y_pred)`` (variance-weighted over the columns of 2-D targets, e.g. flat weights [n, P]), in float64. NaN when
+    every column of ``y_true`` is constant (R² is undefined there; scikit-learn would say 1.0 or 0.0).
+    The one R² of raysys: probes, reconstruction and the autoencoder's training history all use it."""
+    y_true = np.asarray(y_true, np.float64)
+    if y_true.size == 0 or not np.any(np.ptp(y_true, axis=0) > 0):
+        return float("nan")
+    return float(r2_score(y_true, np.asarray(y_pred, np.float64), multioutput="variance_weighted"))
 
 
 def kendall_tau(y_true, y_pred) -> float:

@@ -16,7 +16,8 @@ from raysys.config import ConfigError, RaysysError, load, validate
 from raysys.hyperrep.augment import Augmenter, Permuter, add_noise, random_erase
 from raysys.hyperrep.model import load_for_zoo
 from raysys.hyperrep.config import HyperRepConfig
-from raysys.hyperrep.losses import layer_statistics, ntxent, positive_only, r2_score, reconstruction_loss
+from raysys.hyperrep.losses import layer_statistics, ntxent, positive_only, reconstruction_loss
+from raysys.probes import r2
 from raysys.hyperrep.model import HyperRepresentation
 from raysys.hyperrep.tokens import Tokenizer
 from raysys.store import MANIFEST
@@ -179,10 +180,16 @@ def test_contrastive_losses_fall_as_views_align():
     assert positive_only(e1, e1, 0.1) < positive_only(e1, e2, 0.1) < positive_only(e1, -e1, 0.1)
 
 
-def test_r2_score():
-    target = torch.randn(50, 10)
-    assert r2_score(target, target) == 1.0
-    assert r2_score(target.mean(0).expand(50, 10), target) == pytest.approx(0.0, abs=1e-9)
+def test_r2_is_sklearns_with_y_true_first():
+    from sklearn.metrics import r2_score
+
+    target = torch.randn(50, 10).double().numpy()
+    pred = target + 0.5 * torch.randn(50, 10).double().numpy()
+    assert r2(target, target) == 1.0
+    assert r2(target, np.broadcast_to(target.mean(0), target.shape)) == pytest.approx(0.0, abs=1e-9)
+    assert r2(target, pred) == r2_score(target, pred, multioutput="variance_weighted")
+    assert r2(target, pred) != r2(pred, target)  # the order matters: y_true, then y_pred
+    assert np.isnan(r2(np.ones((5, 3)), np.zeros((5, 3))))  # every column constant: undefined
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -624,7 +631,8 @@ def test_resume_from_an_older_state_redoes_epochs_without_logging_them_twice(tin
 @pytest.mark.slow
 def test_a_joined_run_that_already_holds_epochs_gets_each_epoch_once(tiny_zoo, tmp_path, mlflow_uri, monkeypatch):
     """A search trial cut off before its first checkpoint was registered starts training again at epoch 1 in its
-    own run ($MLFLOW_RUN_ID), which already holds the first epochs: they are redone, not logged twice."""
+    own run (train's mlflow_run_id, or $MLFLOW_RUN_ID), which already holds the first epochs: they are redone, not
+    logged twice."""
     from mlflow import MlflowClient
 
     from raysys.hyperrep.train import train
@@ -637,6 +645,9 @@ def test_a_joined_run_that_already_holds_epochs_gets_each_epoch_once(tiny_zoo, t
     run_id = max(client.search_runs([client.get_experiment_by_name("hyperrep").experiment_id]),
                  key=lambda r: r.info.start_time).info.run_id
     assert sorted(m.step for m in client.get_metric_history(run_id, "val_rec")) == [1, 2]
-    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
-    train(cfg, tiny_zoo, tmp_path / "again", tracking_uri=mlflow_uri, progress=False)  # no resume state: epoch 1
+    # no resume state: epoch 1 again, in the run a search trial passes
+    train(cfg, tiny_zoo, tmp_path / "again", tracking_uri=mlflow_uri, progress=False, mlflow_run_id=run_id)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "val_rec")) == list(range(1, 7))
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)  # MLflow's own variable names the run to join too
+    train(cfg, tiny_zoo, tmp_path / "third", tracking_uri=mlflow_uri, progress=False)
     assert sorted(m.step for m in client.get_metric_history(run_id, "val_rec")) == list(range(1, 7))

@@ -54,12 +54,3 @@ def positive_only(p1: torch.Tensor, p2: torch.Tensor, temperature: float) -> tor
 
 
 CONTRASTIVE = {"ntxent": ntxent, "positive": positive_only}
-
-
-def r2_score(pred: torch.Tensor, target: torch.Tensor) -> float:
-    """Reconstruction R^2 over all weights: 1 - SS_res / SS_tot, SS_tot around the per-parameter mean
-    of ``target`` (sklearn's variance-weighted multi-output R^2)."""
-    pred, target = pred.double(), target.double()
-    ss_res = ((pred - target) ** 2).sum()
-    ss_tot = ((target - target.mean(0)) ** 2).sum()
-    return float(1.0 - ss_res / ss_tot) if ss_tot > 0 else float("nan")
