@@ -12,7 +12,6 @@ they have loaded, so a pool of k actors fine-tunes k populations at a time.
 """
 from __future__ import annotations
 
-import inspect
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from raysys import architectures, datasets
 from raysys.config import RaysysError
 from raysys.datasets import ImageData
 from raysys.population import train_population
-from raysys.train import METRICS, ModelSpec, initial_model, train_one
+from raysys.train import METRICS, ModelSpec
 
 
 @dataclass
@@ -44,25 +43,6 @@ class Job:
     @property
     def key(self) -> str:
         return f"{self.setting}/{self.name}"
-
-
-def _supports_init_weights() -> bool:
-    return "init_weights" in inspect.signature(train_population).parameters
-
-
-def _train_each(arch, specs, data, epochs, on_epoch, init_weights):
-    """Per-model fallback with the same semantics, for trainers without ``init_weights``."""
-    per_epoch: list[list] = [[] for _ in range(epochs + 1)]
-    for i, spec in enumerate(specs):
-        if init_weights is None:
-            model = initial_model(arch, spec, data)
-        else:
-            model = architectures.build(arch, spec.activation, spec.dropout, data.in_channels, data.num_classes)
-            architectures.unflatten(init_weights[i], model)
-        train_one(arch, spec, data, epochs, lambda e, w, m: per_epoch[e].append((w, m)), model=model)
-    for epoch, items in enumerate(per_epoch):
-        on_epoch(epoch, torch.cat([w for w, _ in items]),
-                 {k: np.concatenate([m[k] for _, m in items]) for k in items[0][1]})
 
 
 def finetune_population(arch: str, specs: list[ModelSpec], data: ImageData, epochs: int,
@@ -87,12 +67,7 @@ def finetune_population(arch: str, specs: list[ModelSpec], data: ImageData, epoc
         if epoch in keep_epochs:
             kept[epoch] = weights.detach().cpu().numpy().astype(np.float32)
 
-    if init_weights is None:
-        train_population(arch, specs, data, epochs, on_epoch, device=device)
-    elif _supports_init_weights():
-        train_population(arch, specs, data, epochs, on_epoch, device=device, init_weights=init_weights)
-    else:
-        _train_each(arch, specs, data, epochs, on_epoch, init_weights)
+    train_population(arch, specs, data, epochs, on_epoch, device=device, init_weights=init_weights)
     return {"metrics": metrics, "weights": kept}
 
 

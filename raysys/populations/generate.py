@@ -23,10 +23,8 @@ def load_autoencoder(checkpoint_dir: str | Path):
     if not path.exists():
         raise RaysysError(f"hyper-representation checkpoint {path} does not exist. Train one with "
                           f"'raysys hyperrep train CONFIG --zoo ZOO --out {path}' or fix the path.")
-    try:
-        from raysys.hyperrep import HyperRepresentation
-    except ImportError as err:
-        raise RaysysError(f"raysys.hyperrep is not available ({err}); install the full raysys package.") from None
+    from raysys.hyperrep import HyperRepresentation
+
     return HyperRepresentation.load(path)
 
 
