@@ -382,6 +382,11 @@ def _worker_loop(cfg: dict) -> None:
     from raysys import datasets
 
     config = ZooConfig.model_validate(cfg["config"])
+    import torch
+
+    # what Ray's OMP_NUM_THREADS means, said to torch directly (and what the in-process runner sets): one thread
+    # per CPU of the worker, so workers never oversubscribe the cores and both runners compute the same bits
+    torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = "cpu"
