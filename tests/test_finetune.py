@@ -131,12 +131,13 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     ae = PCAAutoencoder(W, 8, zoo.layout)
     weak = PCAAutoencoder(W, 2, zoo.layout)  # stands in for the autoencoder trained without LWLN
     out = tmp_path / "out"
-    cfg = tiny_config()
+    cfg = tiny_config(methods=["S_KDE", "S_KDE30", "B_KDE30", "B_T", "B_noise_0.02", "B_noise_novelty"])
     cfg.finetune.num_actors = 1  # one actor start-up: the two-actor pool is tested above
     res = run_populations(cfg, tiny_zoo, None, out, autoencoder=ae, nolwln_autoencoder=weak,
                           tracking_uri=mlflow_uri, progress=False)
     pops = {(p["setting"], p["name"]): p for p in res["populations"]}
-    assert set(pops) == {("in_dataset", m) for m in ["S_KDE", "S_KDE30", "B_KDE30", "B_T", "B_noise_0.02"]} \
+    assert set(pops) == {("in_dataset", m) for m in ["S_KDE", "S_KDE30", "B_KDE30", "B_T", "B_noise_0.02",
+                                                      "B_noise_novelty"]} \
         | {("transfer", m) for m in ["S_KDE30", "B_F"]}
     for p in pops.values():
         assert all(len(p["test_acc"][b]) == 4 for b in ("0", "1", "2"))
@@ -149,7 +150,17 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     assert pops[("transfer", "S_KDE30")]["novelty_per_model"]["epoch_0"]["nearest_raw"] == \
         pops[("in_dataset", "S_KDE30")]["novelty_per_model"]["epoch_0"]["nearest_raw"]
 
+    # B_noise_novelty sits at S_KDE30's novelty (within the tolerance), as measured by the report itself
+    cal = res["calibration"]["B_noise_novelty"]
+    want = pops[("in_dataset", "S_KDE30")]["novelty"]["epoch_0"]["nearest_aligned_mean"]
+    got = pops[("in_dataset", "B_noise_novelty")]["novelty"]["epoch_0"]["nearest_aligned_mean"]
+    assert cal["on"] == "S_KDE30" and cal["target"] == pytest.approx(want) and cal["achieved"] == pytest.approx(got)
+    assert abs(got - want) <= cfg.matched_noise.tolerance * want
+    y = res["yardsticks"]
+    assert 0 < y["top_test_acc"] <= 1 and y["top_test_acc"] >= y["train_test_acc"]
+
     md = (out / "report.md").read_text()
+    assert f"B_noise_novelty: σ = {cal['sigma']:.4g}" in md and "% of top training models" in md
     assert "| S_KDE30 |" in md and "Ep. 2" in md and "agreement" in md
     assert "| in_dataset | S_KDE30 |" in md.split("Against the noise baseline")[1]
     for name in ("report.json", "results.json", "accuracy_curves.png", "accuracy_vs_novelty.png"):
@@ -160,7 +171,8 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     assert row["mean"] == pytest.approx(100 * np.mean(pops[("in_dataset", "S_KDE")]["test_acc"]["0"]))
     cmp = json.loads((out / "report.json").read_text())["noise_comparison"]
     assert {r["method"] for r in cmp} == {"S_KDE", "S_KDE30", "B_KDE30"}
-    assert all(r["noise"] == "B_noise_0.02" for r in cmp)
+    s30 = [r for r in cmp if r["method"] == "S_KDE30" and "novelty" in r["matched_on"]]
+    assert [r["noise"] for r in s30] == ["B_noise_novelty"]
 
     from mlflow.tracking import MlflowClient
     client = MlflowClient(tracking_uri=mlflow_uri)
@@ -171,12 +183,46 @@ def test_whole_stage_on_tiny_zoo(ray_local, tiny_zoo, tmp_path, mlflow_uri):
     child = [c for c in children if c.info.run_name == "in_dataset/S_KDE30"][0]
     hist = client.get_metric_history(child.info.run_id, "test_acc_mean")
     assert [m.step for m in sorted(hist, key=lambda m: m.step)] == [0, 1, 2]
+    matched = [c for c in children if c.info.run_name == "in_dataset/B_noise_novelty"][0]
+    assert float(matched.data.params["sigma"]) == pytest.approx(cal["sigma"], rel=1e-5)
+    assert matched.data.metrics["calibration_achieved"] == pytest.approx(cal["achieved"])
+    assert parent.data.metrics["calibration/B_noise_novelty/sigma"] == pytest.approx(cal["sigma"])
+    assert parent.data.metrics["yardstick/top_test_acc"] == pytest.approx(y["top_test_acc"])
 
     # The CLI rebuilds the report from results.json alone.
     from raysys.cli import main
     (out / "report.md").unlink()
     assert main(["populations", "report", str(out)]) == 0
     assert (out / "report.md").read_text() == md
+
+
+def test_matched_noise_sigma_gives_the_target_novelty_and_diversity(tiny_zoo):
+    """The calibrated B_noise scores, on the novelty module's own summary, within the stated tolerance
+    of the sampled population it is matched to: a real zoo, a real decoded S_KDE30 population."""
+    from raysys.populations import novelty, stage
+    zoo = open_zoo(tiny_zoo)
+    W, _ = zoo.weights(epochs=[2, 3], splits=["train"])
+    ae = {"lwln": PCAAutoencoder(W, 8, zoo.layout)}
+    cfg = tiny_config(num_models=12, methods=["S_KDE30", "B_noise_novelty", "B_noise_diversity"], transfer=None,
+                      sampling={"bandwidth": 2.0})
+    cfg, view, anchors = stage.prepare(cfg, tiny_zoo, ae)
+    target = stage.initial_weights("S_KDE30", cfg, anchors, ae, view, 3, 11)
+    x = datasets.load("tetris").x_test
+    want = novelty.novelty(target, anchors["weights"], view.layout, x, "tanh")["summary"]
+    for method, key in (("B_noise_novelty", "nearest_aligned_mean"), ("B_noise_diversity", "diversity_aligned_mean")):
+        info = stage.calibrated_noise(method, cfg, anchors, target, anchors["weights"], view.layout, 12)
+        got = novelty.novelty(info["weights"], anchors["weights"], view.layout, x, "tanh")["summary"]
+        assert info["measure"] == key and info["target"] == pytest.approx(want[key])
+        assert abs(got[key] - want[key]) <= cfg.matched_noise.tolerance * want[key], (method, got[key], want[key])
+        assert info["sigma"] > 0
+    # the same population through initial_weights (what 'raysys sample --method B_noise_novelty' writes)
+    again = stage.initial_weights("B_noise_novelty", cfg, anchors, ae, view, 3,
+                                  stage._method_seed(cfg, "generate", "B_noise_novelty"))
+    got = novelty.novelty(again, anchors["weights"], view.layout, x, "tanh")["summary"]["nearest_aligned_mean"]
+    target_stage = stage.initial_weights("S_KDE30", cfg, anchors, ae, view, 3,
+                                         stage._method_seed(cfg, "generate", "S_KDE30"))
+    want = novelty.novelty(target_stage, anchors["weights"], view.layout, x, "tanh")["summary"]["nearest_aligned_mean"]
+    assert abs(got - want) <= cfg.matched_noise.tolerance * want
 
 
 def test_methods_draw_from_distinct_seeded_streams():

@@ -238,3 +238,36 @@ def test_samples_are_identical_to_the_previous_implementation(name, bandwidth):
                                   12345).fit(Z, val).sample(25)
     assert new.dtype == old.dtype == np.float32
     np.testing.assert_array_equal(new, old)
+
+
+# --- B_noise calibrated on a target measure ----------------------------------------------------
+
+def test_calibrated_noise_hits_the_target_and_refuses_an_unreachable_one():
+    from raysys.populations.samplers import calibrate_noise
+    rng = np.random.default_rng(8)
+    W = rng.normal(size=(30, 400))
+    val = rng.uniform(size=30)
+    mean_norm = lambda X: float(np.linalg.norm(X - W[:1], axis=1).mean())  # noqa: E731  (grows with sigma)
+    floor = mean_norm(noise_population(W, val, 20, 0.0, 0.3, 5)[0])
+    for tol in (0.05, 0.005):
+        out = calibrate_noise(W, val, 20, 1.5 * floor, mean_norm, 0.3, 5, tolerance=tol)
+        assert abs(out["achieved"] - 1.5 * floor) <= tol * 1.5 * floor
+        assert out["achieved"] == pytest.approx(mean_norm(out["weights"]))  # the draw it returns is the one scored
+        np.testing.assert_array_equal(out["weights"], noise_population(W, val, 20, out["sigma"], 0.3, 5)[0])
+        assert 0 < out["sigma"] and out["evaluations"] < 40
+    with pytest.raises(RaysysError, match="unperturbed copies"):
+        calibrate_noise(W, val, 20, 0.5 * floor, mean_norm, 0.3, 5)
+    with pytest.raises(RaysysError, match="positive finite"):
+        calibrate_noise(W, val, 20, float("nan"), mean_norm, 0.3, 5)
+
+
+def test_matched_noise_config_is_validated():
+    from raysys.populations.stage import PopulationsConfig
+    cfg = validate(PopulationsConfig, {"methods": ["S_KDE30", "B_noise_novelty", "B_noise_diversity"]})
+    assert cfg.matched_noise.target == "S_KDE30" and cfg.matched_noise.tolerance == 0.02
+    with pytest.raises(ConfigError, match="not in methods"):
+        validate(PopulationsConfig, {"methods": ["S_KDE", "B_noise_novelty"]})
+    with pytest.raises(ConfigError, match="sampled population"):
+        validate(PopulationsConfig, {"methods": ["B_T", "B_noise_novelty"], "matched_noise": {"target": "B_T"}})
+    with pytest.raises(ConfigError, match="tolerance"):
+        validate(PopulationsConfig, {"matched_noise": {"tolerance": 0}})

@@ -124,3 +124,23 @@ def summarize(raw, aligned, agreement, div_raw, div_aligned, non_finite: int = 0
         out[f"{key}_mean"], out[f"{key}_std"] = m, s
     out["non_finite_models"] = non_finite
     return out
+
+
+def measure(kind: str, W, references, layout: Layout, align: bool = True) -> tuple[str, float]:
+    """One population-level number the report shows, for calibrating baselines against it.
+
+    ``kind`` "novelty": mean distance to the nearest training model (``nearest_aligned`` when
+    aligned, else ``nearest_raw``); "diversity": mean pairwise distance within the population
+    (``diversity_aligned`` / ``diversity_raw``). The same computation as :func:`novelty`'s summary
+    (diverged models left out), without the predictions. Returns (summary key, value).
+    """
+    align = bool(align and layout.chain)
+    W = np.asarray(W, dtype=np.float32)
+    W = W[np.isfinite(W).all(axis=1)]
+    flavour = "aligned" if align else "raw"
+    if kind == "novelty":
+        return f"nearest_{flavour}_mean", finite_mean_std(nearest(W, references, layout, align)[flavour] if len(W)
+                                                           else np.zeros(0))[0]
+    if kind == "diversity":
+        return f"diversity_{flavour}_mean", finite_mean_std(pairwise(W, layout, align))[0]
+    raise RaysysError(f"unknown measure '{kind}'; use 'novelty' or 'diversity'.")

@@ -50,12 +50,23 @@ def tables(results: dict) -> dict:
     return out
 
 
+def _measure(pop: dict, kind: str) -> float:
+    """A population's novelty (mean distance to the nearest training model) or diversity (mean
+    pairwise distance), as generated (epoch 0): aligned where measured, else raw."""
+    s = pop["novelty"]["epoch_0"]
+    key = "nearest" if kind == "novelty" else "diversity"
+    aligned = s[f"{key}_aligned_mean"]
+    return aligned if np.isfinite(aligned) else s[f"{key}_raw_mean"]
+
+
 def noise_comparison(results: dict) -> list[dict]:
-    """Each generated population against the B_noise population closest to it in novelty.
+    """Each generated population against the B_noise population closest to it in novelty, and the
+    one closest in diversity where that is another population.
 
     Zeng et al. 2025: a generator is only interesting if it beats perturbed training models at a
     matched distance from the training set. Novelty is the mean aligned (else raw) distance to the
-    nearest training model as generated (epoch 0); accuracy differences are in points, per budget.
+    nearest training model as generated (epoch 0), diversity the mean pairwise distance within the
+    population; accuracy differences are in points, per budget.
     """
     rows = []
     for setting in dict.fromkeys(p["setting"] for p in results["populations"]):
@@ -64,17 +75,65 @@ def noise_comparison(results: dict) -> list[dict]:
         for pop in pops:
             if not (pop["name"].startswith("S_") or pop["name"] == "B_KDE30") or not noise:
                 continue
-
-            def dist(p):
-                s = p["novelty"]["epoch_0"]
-                return s["nearest_aligned_mean"] if np.isfinite(s["nearest_aligned_mean"]) else s["nearest_raw_mean"]
-
-            ref = min(noise, key=lambda p: abs(dist(p) - dist(pop)))
-            rows.append({"setting": setting, "method": pop["name"], "noise": ref["name"],
-                         "novelty": dist(pop), "noise_novelty": dist(ref),
-                         "acc_diff": {str(b): 100 * (finite_mean_std(pop["test_acc"][str(b)])[0] - finite_mean_std(ref["test_acc"][str(b)])[0])
-                                      for b in results["budgets"]}})
+            refs = {}
+            for kind in ("novelty", "diversity"):
+                ref = min(noise, key=lambda p: abs(_measure(p, kind) - _measure(pop, kind)))
+                refs.setdefault(ref["name"], (ref, []))[1].append(kind)
+            for ref, kinds in refs.values():
+                rows.append({"setting": setting, "method": pop["name"], "noise": ref["name"],
+                             "matched_on": kinds, "novelty": _measure(pop, "novelty"),
+                             "noise_novelty": _measure(ref, "novelty"), "diversity": _measure(pop, "diversity"),
+                             "noise_diversity": _measure(ref, "diversity"),
+                             "acc_diff": {str(b): 100 * (finite_mean_std(pop["test_acc"][str(b)])[0]
+                                                         - finite_mean_std(ref["test_acc"][str(b)])[0])
+                                          for b in results["budgets"]}})
     return rows
+
+
+def _mean_acc(pop: dict, budget: int) -> float:
+    return 100 * finite_mean_std(pop["test_acc"][str(budget)])[0]
+
+
+def yardstick_lines(results: dict) -> list[str]:
+    """The sampled populations against the training models they came from and against B_T."""
+    y = results.get("yardsticks")
+    pops = [p for p in results["populations"] if p["setting"] == "in_dataset"]
+    if not y or not pops:
+        return []
+    top = 100 * y["top_test_acc"]
+    lines = ["## Yardsticks", "",
+             f"Training models the samplers start from ({y['num_anchors']} training-split states at epochs "
+             f"{results['reference_epochs']}): test accuracy {100 * y['train_test_acc']:.1f} %; the top "
+             f"{100 * y['top_fraction']:.0f} % by validation accuracy ({y['num_top']} states): {top:.1f} % "
+             f"(std {100 * y['top_test_acc_std']:.1f}).", ""]
+    budgets = results["budgets"]
+    bt = next((p for p in pops if p["name"] == "B_T"), None)
+    sampled = [p for p in pops if p["name"].startswith("S_") or p["name"] == "B_KDE30"]
+    if sampled:
+        head = ["Method", "Ep. 0", "% of top training models"]
+        if bt is not None and 1 in budgets:
+            head += ["Ep. 1", f"B_T at Ep. {max(budgets)}", "Δ"]
+        lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+        for p in sampled:
+            row = [p["name"], f"{_mean_acc(p, 0):.1f}", f"{100 * _mean_acc(p, 0) / top:.0f} %"]
+            if bt is not None and 1 in budgets:
+                diff = _mean_acc(p, 1) - _mean_acc(bt, max(budgets))
+                row += [f"{_mean_acc(p, 1):.1f}", f"{_mean_acc(bt, max(budgets)):.1f}", f"{diff:+.1f}"]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def calibration_lines(results: dict) -> list[str]:
+    cal = results.get("calibration") or {}
+    if not cal:
+        return []
+    lines = ["Noise baselines calibrated on a sampled population (no fine-tuning involved):", ""]
+    for method, c in cal.items():
+        lines.append(f"- {method}: σ = {c['sigma']:.4g}, its {c['matched']} ({c['measure']}) {c['achieved']:.3f} "
+                     f"against {c['on']}'s {c['target']:.3f} (tolerance {100 * c['tolerance']:.0f} %, "
+                     f"{c['evaluations']} noise draws)")
+    return lines + [""]
 
 
 def _fmt(mean: float, std: float, digits: int = 1) -> str:
@@ -92,13 +151,19 @@ def markdown(results: dict, tabs: dict | None = None) -> str:
               f"novelty against the zoo's training-split models (epochs {results['reference_epochs']}).", ""]
     for setting, t in tabs.items():
         lines += [f"## {SETTING_TITLES.get(setting, setting)}: fine-tuned on `{t['dataset']}`", ""]
-        lines += ["| Method | " + " | ".join(f"Ep. {b}" for b in budgets) + " |",
-                  "|---|" + "---:|" * len(budgets)]
+        # novelty and diversity as generated beside the accuracies (Zeng et al. 2025: never one without the other)
+        lines += ["| Method | " + " | ".join(f"Ep. {b}" for b in budgets) + " | novelty | diversity |",
+                  "|---|" + "---:|" * (len(budgets) + 2)]
         methods = list(dict.fromkeys(r["method"] for r in t["accuracy"]))
+        pops = {p["name"]: p for p in results["populations"] if p["setting"] == setting}
         for method in methods:
             cells = {r["epoch"]: _fmt(r["mean"], r["std"]) for r in t["accuracy"] if r["method"] == method}
-            lines.append(f"| {method} | " + " | ".join(cells[b] for b in budgets) + " |")
-        lines.append("")
+            lines.append(f"| {method} | " + " | ".join(cells[b] for b in budgets) + " | "
+                         + " | ".join(f"{_measure(pops[method], k):.2f}" for k in ("novelty", "diversity")) + " |")
+        lines += ["", "novelty: mean L2 distance to the nearest training model; diversity: mean pairwise L2 "
+                  "within the population; both as generated (epoch 0), aligned where measured.", ""]
+        if setting == "in_dataset":
+            lines += calibration_lines(results)
         for when in dict.fromkeys(r["when"] for r in t["novelty"]):
             label = "as generated (epoch 0)" if when == "epoch_0" else f"after {when.split('_')[-1]} epochs"
             lines += [f"Novelty, {label}:", "",
@@ -110,16 +175,20 @@ def markdown(results: dict, tabs: dict | None = None) -> str:
                     lines.append(f"| {r['method']} | " + " | ".join(
                         _fmt(r[k]["mean"], r[k]["std"], digits.get(k, 2)) for k, _ in NOVELTY_COLUMNS) + " |")
             lines.append("")
+    lines += yardstick_lines(results)
     comparison = noise_comparison(results)
     if comparison:
         lines += ["## Against the noise baseline (Zeng et al. 2025)", "",
-                  "Closest-in-novelty B_noise population; accuracy difference in points (positive: the generated "
-                  "population is better). A generated population that is both farther from the training models "
-                  "and at least as accurate is evidence of more than memorization.", "",
-                  "| Setting | Method | novelty | vs | its novelty | " + " | ".join(f"Δ Ep. {b}" for b in budgets) + " |",
-                  "|---|---|---:|---|---:|" + "---:|" * len(budgets)]
+                  "The B_noise population closest in novelty, and the one closest in diversity where that is another; "
+                  "accuracy difference in points (positive: the generated population is better). A generated "
+                  "population that is as far from the training models, as diverse, and at least as accurate is "
+                  "evidence of more than memorization.", "",
+                  "| Setting | Method | novelty | diversity | vs | matched on | its novelty | its diversity | "
+                  + " | ".join(f"Δ Ep. {b}" for b in budgets) + " |",
+                  "|---|---|---:|---:|---|---|---:|---:|" + "---:|" * len(budgets)]
         for r in comparison:
-            lines.append(f"| {r['setting']} | {r['method']} | {r['novelty']:.2f} | {r['noise']} | {r['noise_novelty']:.2f} | "
+            lines.append(f"| {r['setting']} | {r['method']} | {r['novelty']:.2f} | {r['diversity']:.2f} | {r['noise']} | "
+                         f"{', '.join(r['matched_on'])} | {r['noise_novelty']:.2f} | {r['noise_diversity']:.2f} | "
                          + " | ".join(f"{r['acc_diff'][str(b)]:+.1f}" for b in budgets) + " |")
         lines.append("")
     for skipped in results.get("skipped", []):
@@ -204,6 +273,8 @@ def write_report(results: dict, out_dir: str | Path) -> dict[str, str]:
              "curves": out / "accuracy_curves.png", "novelty": out / "accuracy_vs_novelty.png"}
     atomic_write_bytes(paths["json"], json.dumps({"budgets": results["budgets"], "tables": tabs,
                                                   "noise_comparison": noise_comparison(results),
+                                                  "yardsticks": results.get("yardsticks"),
+                                                  "calibration": results.get("calibration", {}),
                                                   "skipped": results.get("skipped", [])}, indent=2).encode())
     atomic_write_bytes(paths["markdown"], markdown(results, tabs).encode())
     plot_curves(results, paths["curves"])

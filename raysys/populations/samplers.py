@@ -173,3 +173,60 @@ def noise_population(weights, val_accuracy, n: int, sigma: float, top_fraction: 
     rows = pool[rng.integers(0, len(pool), size=n)]
     out = W[rows] + sigma * rng.standard_normal((n, W.shape[1]))
     return out.astype(np.float32), rows
+
+
+def calibrate_noise(weights, val_accuracy, n: int, target: float, measure, top_fraction: float = 0.3,
+                    random_state: int | None = None, tolerance: float = 0.02, max_iter: int = 40) -> dict:
+    """The B_noise sigma whose population scores ``target`` on ``measure`` (e.g. novelty or diversity).
+
+    ``measure(W [n, P]) -> float`` is evaluated on :func:`noise_population` draws that share one
+    seed, so every sigma perturbs the same anchors along the same directions (common random
+    numbers): the measure is then a smooth, increasing function of sigma, and Brent's method
+    (bisection safeguarded, :func:`scipy.optimize.brentq`) finds its root without any fine-tuning.
+    ``tolerance`` is relative: the result satisfies ``|measure - target| <= tolerance * target``.
+
+    Returns ``{"sigma", "achieved", "target", "evaluations", "weights", "rows"}``; raises when the
+    target is below what unperturbed copies of the anchors already score (sigma = 0), naming both.
+    """
+    from scipy.optimize import brentq
+
+    if not (np.isfinite(target) and target > 0):
+        raise RaysysError(f"the calibration target must be a positive finite number; got {target}. "
+                          f"Check that the population it comes from has finite weights.")
+    if not 0 < tolerance < 1:
+        raise RaysysError(f"tolerance is relative and must be in (0, 1); got {tolerance}. Use e.g. 0.02 for 2 %.")
+    W = _as_matrix(weights, "weights")
+    cache: dict[float, float] = {}
+
+    def score(sigma: float) -> float:
+        if sigma not in cache:
+            cache[sigma] = float(measure(noise_population(W, val_accuracy, n, sigma, top_fraction, random_state)[0]))
+        return cache[sigma]
+
+    def result(sigma: float) -> dict:
+        pop, rows = noise_population(W, val_accuracy, n, sigma, top_fraction, random_state)
+        return {"sigma": float(sigma), "achieved": score(sigma), "target": float(target),
+                "evaluations": len(cache), "weights": pop, "rows": rows}
+
+    floor = score(0.0)
+    if floor >= target * (1 - tolerance):
+        if floor <= target * (1 + tolerance):
+            return result(0.0)
+        raise RaysysError(f"no noise level reaches {target:.4g}: unperturbed copies of the top-{top_fraction:.0%} "
+                          f"training models already score {floor:.4g}. The target population is more concentrated "
+                          f"than the training models it was sampled from.")
+    # Start near the scale where sigma * sqrt(P) (the length of the noise vector) equals the target.
+    hi = max(target / np.sqrt(W.shape[1]), 1e-8)
+    for _ in range(60):
+        if score(hi) >= target:
+            break
+        hi *= 2.0
+    else:
+        raise RaysysError(f"no noise level up to sigma {hi:.3g} reaches {target:.4g} (it scores {score(hi):.4g}).")
+    lo = max((s for s, v in cache.items() if v < target), default=0.0)
+    # Brent's root on sigma; rtol on sigma bounds the relative error of a measure ~ proportional to sigma
+    sigma = brentq(lambda s: score(s) - target, lo, hi, rtol=tolerance / 8, maxiter=max_iter)
+    if abs(score(sigma) - target) > tolerance * target:
+        raise RaysysError(f"calibration stopped at sigma {sigma:.4g} scoring {score(sigma):.4g}, not within "
+                          f"{tolerance:.0%} of {target:.4g}; raise the tolerance or the number of models.")
+    return result(sigma)

@@ -6,8 +6,9 @@
    autoencoder trained on) into anchors; their validation accuracies rank the top 30 %.
 2. Draw latents with each sampler (S_KDE, S_KDE30, S_KDE_joint, S_U), decode them to weights;
    B_KDE30 does the same through the autoencoder trained without LWLN; B_noise perturbs the top
-   30 % training weights; B_T starts from fresh initializations of the zoo's scheme; B_F (transfer)
-   takes trained zoo models.
+   30 % training weights; B_noise_novelty / B_noise_diversity do the same with the sigma at which
+   the population's novelty / diversity equals that of a sampled population (``matched_noise``);
+   B_T starts from fresh initializations of the zoo's scheme; B_F (transfer) takes trained zoo models.
 3. Fine-tune every population for max(budgets) epochs on Ray actors, evaluating after each,
    in-dataset and (optionally) on a transfer dataset of the same input shape.
 4. Novelty of every population against the training models, at epoch 0 and after the last epoch.
@@ -35,7 +36,10 @@ from raysys.populations import finetune, generate, novelty, report, samplers
 from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
 from raysys.train import ModelSpec
 
-BASE_METHODS = ("S_KDE", "S_KDE30", "S_KDE_joint", "S_U", "B_KDE30", "B_T", "B_F")
+# B_noise whose sigma is calibrated so that the population's novelty / diversity (the report's
+# measures, as generated) equals that of matched_noise.target: Zeng et al. 2025's comparison.
+MATCHED = {"B_noise_novelty": "novelty", "B_noise_diversity": "diversity"}
+BASE_METHODS = ("S_KDE", "S_KDE30", "S_KDE_joint", "S_U", "B_KDE30", "B_T", "B_F", *MATCHED)
 NOISE = re.compile(r"^B_noise_(\d+(\.\d+)?)$")
 
 
@@ -93,6 +97,22 @@ class TransferConfig(Config):
         return _check_methods(v)
 
 
+class MatchedNoiseConfig(Config):
+    """B_noise_novelty / B_noise_diversity: B_noise with sigma calibrated on a sampled population."""
+
+    target: str = Field("S_KDE30", description="the sampled population whose novelty / diversity is matched")
+    tolerance: float = Field(0.02, gt=0, lt=1, description="relative: |achieved - target| <= tolerance * target")
+    max_iter: int = Field(40, ge=1, description="root-finding iterations on sigma (each one noise draw, no training)")
+
+    @field_validator("target")
+    @classmethod
+    def _sampled(cls, v):
+        if v not in (*samplers.SAMPLER_NAMES, "B_KDE30"):
+            raise ValueError(f"matched_noise.target must be a sampled population ({', '.join(samplers.SAMPLER_NAMES)}"
+                             f" or B_KDE30); got '{v}'")
+        return v
+
+
 class NoveltyConfig(Config):
     align: bool = True
     # Training-model states to compare against; None = the zoo_epochs the anchors come from.
@@ -117,6 +137,7 @@ class PopulationsConfig(Config):
     finetune: FinetuneConfig = FinetuneConfig()
     transfer: TransferConfig | None = TransferConfig()
     novelty: NoveltyConfig = NoveltyConfig()
+    matched_noise: MatchedNoiseConfig = MatchedNoiseConfig()
     mlflow: TrackingConfig = TrackingConfig()
 
     @field_validator("methods")
@@ -129,6 +150,10 @@ class PopulationsConfig(Config):
         if "B_F" in self.methods:
             raise ValueError("B_F (source-zoo models fine-tuned on a target) is a transfer baseline; "
                              "list it under transfer.methods")
+        matched = [m for m in [*self.methods, *(self.transfer.methods if self.transfer else [])] if m in MATCHED]
+        if matched and self.matched_noise.target not in self.methods:
+            raise ValueError(f"{matched[0]} is calibrated on matched_noise.target={self.matched_noise.target}, which "
+                             f"is not in methods; add it to methods or set matched_noise.target to one that is")
         return self
 
 
@@ -203,6 +228,10 @@ def initial_weights(method: str, cfg: PopulationsConfig, anchors: dict, autoenco
     n, s = cfg.num_models, cfg.sampling
     if method == "B_T":
         return None
+    if method in MATCHED:  # the target drawn exactly as the stage draws it, references = the anchors
+        target = initial_weights(cfg.matched_noise.target, cfg, anchors, autoencoders, view, source_epoch,
+                                 _method_seed(cfg, "generate", cfg.matched_noise.target))
+        return calibrated_noise(method, cfg, anchors, target, anchors["weights"], view.layout, rng_seed)["weights"]
     if method in samplers.SAMPLER_NAMES or method == "B_KDE30":
         which = "nolwln" if method == "B_KDE30" else "lwln"
         sampler = samplers.make_sampler("S_KDE30" if method == "B_KDE30" else method, s.bandwidth, s.top_fraction,
@@ -218,6 +247,33 @@ def initial_weights(method: str, cfg: PopulationsConfig, anchors: dict, autoenco
         rows = rng.choice(len(W), size=n, replace=len(W) < n)
         return W[rows]
     raise RaysysError(f"unknown method '{method}'")
+
+
+def calibrated_noise(method: str, cfg: PopulationsConfig, anchors: dict, target_weights: np.ndarray,
+                     references: np.ndarray, layout, rng_seed: int) -> dict:
+    """B_noise_novelty / B_noise_diversity: the noise population whose novelty / diversity (as the
+    report measures it, against ``references``) equals the target population's, within
+    ``matched_noise.tolerance``. Returns :func:`samplers.calibrate_noise`'s dict plus what was matched."""
+    kind, m = MATCHED[method], cfg.matched_noise
+    align = cfg.novelty.align
+    key, goal = novelty.measure(kind, target_weights, references, layout, align)
+    if not np.isfinite(goal) or goal <= 0:
+        raise RaysysError(f"{m.target}'s {kind} is {goal}; there is nothing to match {method} to.")
+    out = samplers.calibrate_noise(anchors["weights"], anchors["val_acc"], cfg.num_models, goal,
+                                   lambda W: novelty.measure(kind, W, references, layout, align)[1],
+                                   cfg.sampling.top_fraction, rng_seed, m.tolerance, m.max_iter)
+    out.update(method=method, matched=kind, on=m.target, measure=key, tolerance=m.tolerance)
+    return out
+
+
+def yardsticks(anchors: dict, top_fraction: float) -> dict:
+    """Test accuracy of the training models the samplers start from: all anchors (the training split
+    at zoo_epochs) and the top ``top_fraction`` by validation accuracy (S_KDE30's anchors)."""
+    top = samplers.top_fraction_mask(anchors["val_acc"], top_fraction)
+    acc = anchors["test_acc"]
+    return {"train_test_acc": float(np.mean(acc)), "top_fraction": float(top_fraction),
+            "top_test_acc": float(np.mean(acc[top])), "top_test_acc_std": float(np.std(acc[top], ddof=1))
+            if top.sum() > 1 else 0.0, "num_anchors": int(len(acc)), "num_top": int(top.sum())}
 
 
 def _noise_sigma(method: str) -> float | None:
@@ -245,6 +301,7 @@ class _Tracker:
         self.uri, self.client = uri, tracking.client(uri)
         self.budgets = list(budgets)
         self.run_ids: dict[str, str] = {}
+        self.calibration: dict[str, dict] = {}  # method -> the sigma and what it matched, logged with its runs
         if parent_run_id is not None:
             self.parent = parent_run_id
             self.experiment_id = self.client.get_run(parent_run_id).info.experiment_id
@@ -264,6 +321,10 @@ class _Tracker:
         metrics += [Metric("test_acc_std", float(np.nanstd(curve[e])), now, e) for e in range(len(curve))]
         params = [Param("method", job.name), Param("setting", job.setting), Param("dataset", job.dataset),
                   Param("num_models", str(len(job.specs))), Param("epochs", str(job.epochs))]
+        if job.name in self.calibration:
+            c = self.calibration[job.name]
+            params += [Param("sigma", f"{c['sigma']:.6g}"), Param("matched", f"{c['matched']} of {c['on']}")]
+            metrics += [Metric(f"calibration_{k}", float(c[k]), now, 0) for k in ("sigma", "target", "achieved")]
         # the headline figures: accuracy of the sampled population at each fine-tuning budget, on the child
         # ("acc_ep5_mean") and on the parent ("in_dataset/B_T30/acc_ep5_mean"), so one table compares methods
         headline = {}
@@ -295,6 +356,12 @@ class _Tracker:
             self.client.set_terminated(self.parent)
 
 
+def _metric(key: str, value: float):
+    from mlflow.entities import Metric
+
+    return Metric(key, float(value), int(time.time() * 1000), 0)
+
+
 def load_autoencoders(checkpoint_dir, nolwln_checkpoint_dir=None, autoencoder=None, nolwln_autoencoder=None) -> dict:
     aes = {"lwln": autoencoder if autoencoder is not None else generate.load_autoencoder(checkpoint_dir)}
     if nolwln_autoencoder is not None or nolwln_checkpoint_dir is not None:
@@ -317,7 +384,8 @@ def prepare(config: PopulationsConfig, zoo_dir, autoencoders: dict) -> tuple[Pop
         config = config.model_copy(update={"zoo_epochs": window})
     view = ZooView(zoo_dir, config.zoo_epochs, config.dataset_options)
     W, meta = view.states(config.zoo_epochs)
-    anchors = {"weights": W, "val_acc": meta["val_acc"].to_numpy(np.float64)}
+    anchors = {"weights": W, "val_acc": meta["val_acc"].to_numpy(np.float64),
+               "test_acc": meta["test_acc"].to_numpy(np.float64)}
     for which, ae in autoencoders.items():
         anchors[which] = generate.encode(ae, W, view.layout, config.sampling.batch_size)
     return config, view, anchors
@@ -376,6 +444,8 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
     specs = _specs(view, cfg)
     activation = specs[0].activation
     W_anchor = anchors["weights"]
+    ref_epochs = cfg.novelty.reference_epochs or cfg.zoo_epochs
+    W_ref = W_anchor if ref_epochs == cfg.zoo_epochs else view.states(ref_epochs)[0]
 
     settings = [("in_dataset", view.dataset_name, view.dataset_options, cfg.methods)]
     if cfg.transfer is not None:
@@ -388,19 +458,47 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
                               f"dataset of the same shape.")
         settings.append(("transfer", cfg.transfer.dataset, cfg.transfer.dataset_options, cfg.transfer.methods))
 
-    jobs, skipped, generated = [], [], {}
+    jobs, skipped, generated, calibration, failed = [], [], {}, {}, {}
+
+    def generate_once(key: str, method: str):
+        if key in failed:
+            raise failed[key]
+        if key not in generated:
+            if method in MATCHED:  # sigma calibrated on the target population as the stage draws it
+                target = generate_once(cfg.matched_noise.target, cfg.matched_noise.target)
+                try:
+                    info = calibrated_noise(method, cfg, anchors, target, W_ref, layout,
+                                            _method_seed(cfg, "generate", method))
+                except RaysysError as err:
+                    failed[key] = err
+                    raise
+                generated[key] = info.pop("weights")
+                info.pop("rows")
+                calibration[method] = info
+            else:
+                generated[key] = initial_weights(method, cfg, anchors, autoencoders, view, max(cfg.zoo_epochs),
+                                                 _method_seed(cfg, "generate", method))
+        return generated[key]
+
     todo = [(s, d, o, m) for s, d, o, methods in settings for m in methods]
     for setting, dataset, options, method in tqdm(todo, desc="generating populations", disable=not progress):
         if method == "B_KDE30" and "nolwln" not in autoencoders:
             skipped.append({"setting": setting, "name": method,
                             "reason": "no autoencoder trained without LWLN was given (pass --nolwln-checkpoint)"})
             continue
+        if method in MATCHED and cfg.matched_noise.target == "B_KDE30" and "nolwln" not in autoencoders:
+            skipped.append({"setting": setting, "name": method, "reason": "its target B_KDE30 was skipped"})
+            continue
         # Transfer reuses the in-dataset samples of a method: the same generated models, another target.
         key = method if method != "B_F" else f"B_F@{setting}"
-        if key not in generated:
-            generated[key] = initial_weights(method, cfg, anchors, autoencoders, view, max(cfg.zoo_epochs),
-                                             _method_seed(cfg, "generate", method))
-        W0 = generated[key]
+        try:
+            W0 = generate_once(key, method)
+        except RaysysError as err:
+            if method not in MATCHED:
+                raise
+            # e.g. a target more concentrated than the training models themselves: no sigma matches it
+            skipped.append({"setting": setting, "name": method, "reason": str(err)})
+            continue
         if W0 is not None:
             _save_population(out / "populations" / f"{setting}_{method}.safetensors", W0)
         jobs.append(finetune.Job(name=method, setting=setting, arch=arch, dataset=dataset, specs=specs, epochs=epochs,
@@ -413,6 +511,15 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
                             "methods": cfg.methods, "transfer": cfg.transfer.methods if cfg.transfer else []},
                            budgets)
 
+    if tracker is not None:
+        tracker.calibration = calibration
+        for method, c in calibration.items():
+            tracker.client.log_batch(tracker.parent, metrics=[_metric(f"calibration/{method}/{k}", c[k])
+                                                              for k in ("sigma", "target", "achieved")])
+        y = yardsticks(anchors, cfg.sampling.top_fraction)
+        tracker.client.log_batch(tracker.parent, metrics=[_metric(f"yardstick/{k}", y[k])
+                                                          for k in ("train_test_acc", "top_test_acc")])
+
     def on_result(job: finetune.Job, res: dict) -> None:
         if tracker is not None:
             tracker.child(job, res["metrics"]["test_acc"])
@@ -421,8 +528,6 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
                                     cfg.finetune.gpus_per_actor, progress=progress, on_result=on_result)
 
     # Novelty against the training models, as generated and after the full budget.
-    ref_epochs = cfg.novelty.reference_epochs or cfg.zoo_epochs
-    W_ref = W_anchor if ref_epochs == cfg.zoo_epochs else view.states(ref_epochs)[0]
     test_x = {}
     threads = torch.get_num_threads()
     # Novelty is thousands of tiny ops; extra intra-op threads only contend (6-14x slower measured
@@ -437,6 +542,7 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
     results = {"zoo": str(Path(zoo_dir).resolve()), "zoo_name": Path(zoo_dir).name, "arch": arch,
                "dataset": view.dataset_name, "num_models": cfg.num_models, "budgets": budgets,
                "reference_epochs": ref_epochs, "num_anchors": int(len(W_anchor)),
+               "yardsticks": yardsticks(anchors, cfg.sampling.top_fraction), "calibration": calibration,
                "config": tracking.mask_secrets(cfg.model_dump(mode="json")), "populations": populations, "skipped": skipped}
     atomic_write_json(out / "results.json", results)
     results["report_files"] = report.write_report(results, out)
