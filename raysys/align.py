@@ -142,7 +142,7 @@ def _align(w: torch.Tensor, r_parts: dict[str, torch.Tensor], layout: Layout):
             # cost[m, i, j]: squared distance between reference unit i and our unit j.
             cost = torch.cdist(r_parts[layer.weight].reshape(M, layer.out_units, -1),
                                wa.reshape(M, layer.out_units, -1)).pow(2)
-            if ba is not None:
+            if ba is not None and layer.bias is not None:
                 cost += (r_parts[layer.bias][:, :, None] - ba[:, None, :]).pow(2)
             cost = cost.numpy()
             perm = np.empty((M, layer.out_units), dtype=np.int64)
@@ -189,7 +189,7 @@ def source_fingerprint(zoo) -> str:
 
     h = hashlib.sha256(manifest_path(zoo.root).read_bytes())
     for sid in recorded_shards(zoo.root):
-        h.update(shard_record(zoo.root, sid)[1]["sha256"].encode())
+        h.update((shard_record(zoo.root, sid)[1] or {})["sha256"].encode())
     return h.hexdigest()
 
 
@@ -386,12 +386,12 @@ def _align_zoo(zoo, src: Path, dst: Path, options: AlignOptions, window: list[in
                                                  "rows": records[int(s["shard"])]["rows"]} for s in plan])
     writer.write_manifest(manifest)
     open_zoo(dst)  # the result must read back as a zoo
-    before, after = np.concatenate(before), np.concatenate(after)
+    dist_before, dist_after = np.concatenate(before), np.concatenate(after)
     states = sum(int(r["rows"]) for r in records.values())
     return {"source": str(src), "out": str(dst), "shards_written": written, "shards_skipped": skipped,
-            "states": states, "diverged_states_copied": states - len(before),
+            "states": states, "diverged_states_copied": states - len(dist_before),
             "template_epochs": window, "rounds": options.rounds,
-            "mean_l2_to_template_before": float(before.mean()), "mean_l2_to_template_after": float(after.mean()),
+            "mean_l2_to_template_before": float(dist_before.mean()), "mean_l2_to_template_after": float(dist_after.mean()),
             "wall_s": time.time() - t0}
 
 

@@ -221,7 +221,7 @@ def layout_of(arch: str, in_channels: int = 1, num_classes: int = 10, image_size
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         w = module.weight
-        kind = "conv" if isinstance(module, nn.Conv2d) else "linear"
+        kind: Literal["conv", "linear"] = "conv" if isinstance(module, nn.Conv2d) else "linear"
         in_units = w.shape[1]
         in_block = 1
         if kind == "linear" and prev_out is not None and prev_out[0] == "conv":

@@ -32,21 +32,21 @@ TRACKING_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite
 PROGRESS_HELP = "no progress bars (for logs and batch jobs)"
 
 
-def _lazy(target: str):
-    """A handler that imports ``module:function`` when its command runs."""
-    module, _, name = target.partition(":")
+class _Lazy:
+    """A handler that imports ``module:function`` (its ``target``) when its command runs."""
 
-    def run(args):
+    def __init__(self, target: str):
+        self.target = target
+
+    def __call__(self, args):
+        module, _, name = self.target.partition(":")
         return getattr(importlib.import_module(module), name)(args)
-
-    run.__name__, run.target = name, target
-    return run
 
 
 def _command(sub, name: str, target: str, help: str, **kwargs) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=kwargs.pop("description", None) or help[:1].upper() + help[1:] + ".",
                        **kwargs)
-    p.set_defaults(func=_lazy(target))
+    p.set_defaults(func=_Lazy(target))
     return p
 
 

@@ -39,7 +39,7 @@ def _describe(err: ValidationError, cls: type[Config], source: str) -> str:
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parent = cls
+            parent: type[BaseModel] | None = cls
             for p in e["loc"][:-1]:
                 field = parent.model_fields.get(str(p)) if isinstance(parent, type) else None
                 ann = getattr(field, "annotation", None)

@@ -26,7 +26,7 @@ import tarfile
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -164,7 +164,7 @@ FONTDIGITS_FONTS = (
     "DejaVuSerif", "DejaVuSerif-Bold", "DejaVuSerif-Italic", "DejaVuSerif-BoldItalic",
     "DejaVuSansMono", "DejaVuSansMono-Bold", "DejaVuSansMono-Oblique", "DejaVuSansMono-BoldOblique",
 )
-FONTDIGITS_PARAMS = {
+FONTDIGITS_PARAMS: dict[str, Any] = {
     "canvas": 28,
     "font_px": [18, 28],  # inclusive range of font sizes in pixels
     "rotation_deg": [-15.0, 15.0],
@@ -199,8 +199,8 @@ def _render_fontdigits(seed: int, per_class: int, noise: float) -> tuple[np.ndar
     labels = np.tile(np.arange(10), per_class)
     font_idx = rng.integers(len(fonts), size=n)
     font_px = rng.integers(p["font_px"][0], p["font_px"][1] + 1, size=n)
-    angle = rng.uniform(*p["rotation_deg"], size=n)
-    shift = rng.uniform(*p["shift_px"], size=(n, 2))
+    angle = rng.uniform(p["rotation_deg"][0], p["rotation_deg"][1], size=n)
+    shift = rng.uniform(p["shift_px"][0], p["shift_px"][1], size=(n, 2))
     stroke = rng.integers(p["stroke_px"][0], p["stroke_px"][1] + 1, size=n)
 
     images = np.empty((n, canvas, canvas), np.float32)
@@ -209,7 +209,7 @@ def _render_fontdigits(seed: int, per_class: int, noise: float) -> tuple[np.ndar
         ImageDraw.Draw(img).text((centre + shift[k, 0], centre + shift[k, 1]), str(labels[k]), fill=255,
                                  font=_truetype(str(fonts[font_idx[k]]), int(font_px[k])), anchor="mm",
                                  stroke_width=int(stroke[k]), stroke_fill=255)
-        img = img.rotate(angle[k], resample=Image.BILINEAR, center=(centre, centre))
+        img = img.rotate(angle[k], resample=Image.Resampling.BILINEAR, center=(centre, centre))
         images[k] = np.asarray(img, np.float32)
     x = images[:, None] / 255.0
     if noise > 0:
@@ -299,11 +299,13 @@ class RestrictedUnpickler(pickle.Unpickler):
     (os.system, builtins.eval, ...) is refused before it can be called.
     """
 
+    source = "a pickle"  # the file's path, for the error message
+
     def find_class(self, module: str, name: str):
         allowed = _PICKLE_ALLOWED.get((module, name))
         if allowed is None:
             raise RaysysError(
-                f"refusing to unpickle global '{module}.{name}' from {getattr(self, 'source', 'a pickle')}: "
+                f"refusing to unpickle global '{module}.{name}' from {self.source}: "
                 "CIFAR batches only contain numpy arrays, lists and strings, so this file is not a genuine "
                 "CIFAR batch. Delete it and re-download the dataset from the official URL.")
         return allowed()

@@ -264,7 +264,7 @@ def hyperparameters(params: dict, where: str) -> dict:
     """The raysys hyperparameter columns of one model from its params.json."""
     from raysys.store import HYPERPARAMETERS
 
-    out = {}
+    out: dict[str, float | int | str | None] = {}
     for col, key in PARAM_KEYS.items():
         v = params.get(key)
         if v is None:
@@ -421,7 +421,7 @@ def _identity(src: Path, trial_names: list[str], options: dict) -> dict:
             **options}
 
 
-def _manifest(plan: Plan, identity: dict, name: str, dataset: dict, splits: list[str], shards: list[dict],
+def _manifest(plan: Plan, identity: dict, name: str | None, dataset: dict, splits: list[str], shards: list[dict],
               status: str, split_seed: int) -> dict:
     from raysys.provenance import STORE_FORMAT
 
@@ -465,7 +465,7 @@ def _shard_table(src: Path, plan: Plan, layout, model_ids: list[int], splits: li
     for mid in model_ids:
         trial = read_trial(src / plan.trials[mid])
         why, w = _check_model(trial, layout, plan.first_epoch, plan.last_epoch)
-        if why is not None:
+        if why is not None or w is None:
             raise ImportFormatError(f"{trial.path}: {why}, but it was importable when this import was planned: the "
                                     f"source has changed. Import it into a new --out directory.")
         hparams.append(hyperparameters(trial.params, str(trial.path / "params.json")))

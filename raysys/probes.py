@@ -216,7 +216,8 @@ class LinearClassifierProbe(ClassifierMixin, BaseEstimator):
         self.scaler_ = _standardize(X_train)
         Xt = self.scaler_.transform(np.asarray(X_train, np.float64))
         Xv = self.scaler_.transform(np.asarray(X_val, np.float64))
-        self.val_scores_, best = {}, None
+        self.val_scores_ = {}
+        best: tuple[float, float, LogisticRegression] | None = None
         for C in sorted(self.Cs):
             with warnings.catch_warnings():
                 # A probe at the iteration cap is still a valid (regularized) linear read-out.
@@ -226,6 +227,8 @@ class LinearClassifierProbe(ClassifierMixin, BaseEstimator):
             self.val_scores_[C] = acc
             if best is None or acc > best[0]:
                 best = (acc, C, model)
+        if best is None:
+            raise ProbeError("Cs is empty: give LinearClassifierProbe at least one C (the default is probes.CS).")
         self.val_accuracy_, self.C_, self.model_ = best
         self.classes_ = self.model_.classes_
         self.n_features_in_ = Xt.shape[1]

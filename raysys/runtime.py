@@ -276,7 +276,7 @@ def _tracking_main(conn, tracking_uri: str) -> None:
         if tracking_uri.startswith(("sqlite:", "postgresql:", "mysql:", "mssql:")):
             import mlflow.store.tracking.sqlalchemy_store  # noqa: F401 - warm: the run's store needs it
     except Exception as err:  # answered on the first request
-        import_error = f"cannot import MLflow: {type(err).__name__}: {err}"
+        import_error: str | None = f"cannot import MLflow: {type(err).__name__}: {err}"
     else:
         import_error = None
     while True:

@@ -451,7 +451,7 @@ def _floor(value: float) -> float:
 STATE = "trial_state.json"  # in every trial checkpoint: epoch, objectives, whether training finished
 
 
-def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
+def run_trial(config: dict, search: dict | SearchConfig, zoo_dir: str, tracking: dict) -> None:
     """Train one autoencoder, report objectives to Tune each evaluation epoch with a checkpoint.
 
     ``config`` is what :class:`DefineByRun` returned (plus Optuna's raw parameter names, ignored).
@@ -476,6 +476,8 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
     sampler = trial_sampler(search, config["sampler"])
     trial_id = ray.tune.get_context().get_trial_id()
     run_id = child_run(tracking, trial_id, sampler)
+    if run_id is None:  # child_run(create=True) always finds or creates one
+        raise RaysysError(f"no MLflow run for trial {trial_id}")
     objectives = Objectives(zoo_dir, hyperrep, sampler, search.objectives, seed=search.seed, data_root=search.data_root)
 
     work = Path(tempfile.mkdtemp(prefix="raysys-search-")) / f"trial-{trial_id}"
@@ -491,7 +493,7 @@ def run_trial(config: dict, search: dict, zoo_dir: str, tracking: dict) -> None:
                 # report), so training continues after the checkpoint's epoch instead of from epoch 1.
                 shutil.copytree(d, work, dirs_exist_ok=True)
 
-        last = {"ckpt_epoch": None, "values": {}, "result": None if state is None else state["result"]}
+        last: dict[str, Any] = {"ckpt_epoch": None, "values": {}, "result": None if state is None else state["result"]}
         # Tune registers a trial's checkpoint a moment after its result, so an interruption in between
         # restores an epoch older than the last one reported; train redoes the epochs after it (to the
         # same state, on the CPU). Those were reported and logged already (train logs val_rec to the
@@ -607,8 +609,8 @@ def _make_callbacks(out: str, search: SearchConfig, max_epochs: int, tracking: d
             for t in trials:
                 counts[final if final and t is trial else _trial_status(t, max_epochs)] += 1
             # Best latest value: what the results table will say, not a value a trial reported and lost.
-            latest = [((t.last_result or {}).get(search.primary), t.trial_id) for t in trials]
-            latest = [(float(v), tid) for v, tid in latest if v is not None and np.isfinite(v)]
+            reported = [((t.last_result or {}).get(search.primary), t.trial_id) for t in trials]
+            latest = [(float(v), tid) for v, tid in reported if v is not None and np.isfinite(v)]
             self.best = max(latest) if latest else None
             done = counts["completed"] + counts["pruned"] + counts["errored"]
             best = f"best {search.primary}={self.best[0]:.4f} ({self.best[1]})" if self.best else "best -"

@@ -42,8 +42,10 @@ def cmd_sample(args) -> int:
     if args.method == "B_KDE30" and "nolwln" not in aes:
         raise RaysysError("B_KDE30 needs the autoencoder trained without LWLN: pass --nolwln-checkpoint DIR.")
     # The same seed as 'populations run': this is exactly the population the stage would fine-tune.
-    W = stage.initial_weights(args.method, cfg, anchors, aes, view, max(cfg.zoo_epochs),
+    W = stage.initial_weights(args.method, cfg, anchors, aes, view, max(cfg.anchor_epochs),
                               stage._method_seed(cfg, "generate", args.method))
+    if W is None:  # B_T, refused above
+        raise RaysysError(f"{args.method} has no initial weights to write")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage._save_population(out, W)

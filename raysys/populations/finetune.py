@@ -15,6 +15,7 @@ from __future__ import annotations
 import uuid
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +130,8 @@ def run_jobs(jobs: list[Job], num_actors: int = 2, cpus_per_actor: float = 1.0, 
         return made[-1]
 
     idle = [new_actor() for _ in range(max(1, min(num_actors, len(jobs))))]
-    queue, running = list(range(len(jobs))), {}
+    queue = list(range(len(jobs)))
+    running: dict[Any, tuple] = {}
     attempts = [0] * len(jobs)
     results: list[dict | None] = [None] * len(jobs)
     try:
@@ -161,4 +163,7 @@ def run_jobs(jobs: list[Job], num_actors: int = 2, cpus_per_actor: float = 1.0, 
     finally:
         for a in made:
             ray.kill(a)
-    return results
+    done = [r for r in results if r is not None]
+    if len(done) != len(jobs):  # every job either returned or raised above
+        raise RaysysError(f"{len(jobs) - len(done)} fine-tuning populations returned no result")
+    return done

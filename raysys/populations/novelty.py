@@ -22,6 +22,13 @@ from raysys.architectures import Layout
 from raysys.config import RaysysError
 
 
+def _needs_layout(layout: Layout | None) -> Layout:
+    if layout is None:
+        raise RaysysError("aligned distances need the architecture's layout: pass layout=architectures.layout_of(arch) "
+                          "(or align=False)")
+    return layout
+
+
 def nearest(W, references, layout: Layout | None = None, align: bool = True) -> dict[str, np.ndarray]:
     """For each model in ``W`` [N, P]: its nearest reference (training) model, raw and aligned.
 
@@ -36,6 +43,7 @@ def nearest(W, references, layout: Layout | None = None, align: bool = True) -> 
     d = torch.cdist(W.double(), R.double())
     out = {"raw": d.min(1).values.numpy(), "raw_index": d.argmin(1).numpy()}
     if align:
+        layout = _needs_layout(layout)
         aligned, idx = np.empty(len(W)), np.empty(len(W), np.int64)
         r_parts = architectures.split_vector(R, layout)
         for i in range(len(W)):
@@ -53,6 +61,7 @@ def pairwise(W, layout: Layout | None = None, align: bool = False) -> np.ndarray
         return np.zeros(0)
     if not align:
         return torch.pdist(W.double()).numpy()
+    layout = _needs_layout(layout)
     parts = []
     for i in range(len(W) - 1):
         parts.append(aligned_distances(W[i], architectures.split_vector(W[i + 1:], layout), layout))
@@ -88,7 +97,8 @@ def novelty(generated, training, layout: Layout, x_test: torch.Tensor, activatio
            "nearest_aligned": np.full(n, np.nan), "nearest_aligned_index": np.full(n, -1),
            "agreement": np.full(n, np.nan)}
     ok = generated[finite]
-    div_raw, div_aligned = np.zeros(0), np.zeros(0)
+    div_raw = np.zeros(0)
+    div_aligned: np.ndarray | None = np.zeros(0)
     if len(ok):
         near = nearest(ok, training, layout, align)
         per["nearest_raw"][finite], per["nearest_raw_index"][finite] = near["raw"], near["raw_index"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -75,7 +76,7 @@ def noise_comparison(results: dict) -> list[dict]:
         for pop in pops:
             if not (pop["name"].startswith("S_") or pop["name"] == "B_KDE30") or not noise:
                 continue
-            refs = {}
+            refs: dict[str, Any] = {}
             for kind in ("novelty", "diversity"):
                 ref = min(noise, key=lambda p: abs(_measure(p, kind) - _measure(pop, kind)))
                 refs.setdefault(ref["name"], (ref, []))[1].append(kind)

@@ -138,6 +138,14 @@ class PopulationsConfig(Config):
     transfer: TransferConfig | None = TransferConfig()
     novelty: NoveltyConfig = NoveltyConfig()
     matched_noise: MatchedNoiseConfig = MatchedNoiseConfig()
+
+    @property
+    def anchor_epochs(self) -> list[int]:
+        """``zoo_epochs`` once :func:`prepare` has resolved it."""
+        if self.zoo_epochs is None:
+            raise RaysysError("zoo_epochs is not resolved yet: call populations.stage.prepare(config, zoo, autoencoders) "
+                              "first, or set zoo_epochs in the config")
+        return self.zoo_epochs
     mlflow: TrackingConfig = TrackingConfig()
 
     @field_validator("methods")
@@ -208,7 +216,8 @@ class ZooView:
 def _specs(view: ZooView, cfg: PopulationsConfig) -> list[ModelSpec]:
     ft = cfg.finetune
     zoo_seeds = set(int(s) for s in view.hparams["seed"])
-    specs, seed = [], ft.seed
+    specs: list[ModelSpec] = []
+    seed = ft.seed
     while len(specs) < cfg.num_models:
         if seed not in zoo_seeds:  # B_T must be new models, not re-runs of zoo members
             specs.append(ModelSpec(
@@ -231,6 +240,8 @@ def initial_weights(method: str, cfg: PopulationsConfig, anchors: dict, autoenco
     if method in MATCHED:  # the target drawn exactly as the stage draws it, references = the anchors
         target = initial_weights(cfg.matched_noise.target, cfg, anchors, autoencoders, view, source_epoch,
                                  _method_seed(cfg, "generate", cfg.matched_noise.target))
+        if target is None:
+            raise RaysysError(f"matched_noise.target={cfg.matched_noise.target} is not a sampled population")
         return calibrated_noise(method, cfg, anchors, target, anchors["weights"], view.layout, rng_seed)["weights"]
     if method in samplers.SAMPLER_NAMES or method == "B_KDE30":
         which = "nolwln" if method == "B_KDE30" else "lwln"
@@ -382,8 +393,8 @@ def prepare(config: PopulationsConfig, zoo_dir, autoencoders: dict) -> tuple[Pop
             raise RaysysError("zoo_epochs is not set and the autoencoder does not say which zoo epochs it was trained "
                               "on. Set zoo_epochs in the config, e.g. --set zoo_epochs=[21,22,23,24,25].")
         config = config.model_copy(update={"zoo_epochs": window})
-    view = ZooView(zoo_dir, config.zoo_epochs, config.dataset_options)
-    W, meta = view.states(config.zoo_epochs)
+    view = ZooView(zoo_dir, config.anchor_epochs, config.dataset_options)
+    W, meta = view.states(config.anchor_epochs)
     anchors = {"weights": W, "val_acc": meta["val_acc"].to_numpy(np.float64),
                "test_acc": meta["test_acc"].to_numpy(np.float64)}
     for which, ae in autoencoders.items():
@@ -444,8 +455,8 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
     specs = _specs(view, cfg)
     activation = specs[0].activation
     W_anchor = anchors["weights"]
-    ref_epochs = cfg.novelty.reference_epochs or cfg.zoo_epochs
-    W_ref = W_anchor if ref_epochs == cfg.zoo_epochs else view.states(ref_epochs)[0]
+    ref_epochs = cfg.novelty.reference_epochs or cfg.anchor_epochs
+    W_ref = W_anchor if ref_epochs == cfg.anchor_epochs else view.states(ref_epochs)[0]
 
     settings = [("in_dataset", view.dataset_name, view.dataset_options, cfg.methods)]
     if cfg.transfer is not None:
@@ -458,7 +469,8 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
                               f"dataset of the same shape.")
         settings.append(("transfer", cfg.transfer.dataset, cfg.transfer.dataset_options, cfg.transfer.methods))
 
-    jobs, skipped, generated, calibration, failed = [], [], {}, {}, {}
+    jobs, skipped, generated, calibration = [], [], {}, {}
+    failed: dict[str, RaysysError] = {}
 
     def generate_once(key: str, method: str):
         if key in failed:
@@ -476,7 +488,7 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
                 info.pop("rows")
                 calibration[method] = info
             else:
-                generated[key] = initial_weights(method, cfg, anchors, autoencoders, view, max(cfg.zoo_epochs),
+                generated[key] = initial_weights(method, cfg, anchors, autoencoders, view, max(cfg.anchor_epochs),
                                                  _method_seed(cfg, "generate", method))
         return generated[key]
 
@@ -528,7 +540,7 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
                                     cfg.finetune.gpus_per_actor, progress=progress, on_result=on_result)
 
     # Novelty against the training models, as generated and after the full budget.
-    test_x = {}
+    test_x: dict[str, torch.Tensor] = {}
     threads = torch.get_num_threads()
     # Novelty is thousands of tiny ops; extra intra-op threads only contend (6-14x slower measured
     # on a busy 2-core machine), so the driver computes it single-threaded.
