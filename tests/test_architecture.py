@@ -106,3 +106,21 @@ def test_raysys_has_no_import_cycles():
 def test_no_module_imports_another_modules_private_names():
     private = import_graph()[1]
     assert private == [], f"make these public or move them to the module that uses them: {private}"
+
+
+def test_the_module_map_of_docs_architecture_names_every_module_and_only_real_ones():
+    import re
+
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    table = doc.split("## Module map", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"^\| `(raysys/[^`]+)`", table, re.M))
+    assert named, "no module map table in docs/architecture.md"
+    for entry in named:
+        assert (PACKAGE.parent / entry).exists(), f"docs/architecture.md names {entry}, which does not exist"
+    packages = {e for e in named if e.endswith("/")}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        if path.name == "__init__.py" and path.parent == PACKAGE:
+            continue
+        covered = rel in named or any(rel.startswith(p) for p in packages)
+        assert covered, f"{rel} is missing from the module map in docs/architecture.md"
