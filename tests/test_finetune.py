@@ -11,7 +11,7 @@ import torch
 from raysys import architectures, datasets
 from raysys.config import RaysysError, load, validate
 from raysys.population import train_population
-from raysys.populations import finetune, generate
+from raysys.populations import codec, finetune
 from raysys.populations.stage import PopulationsConfig, run_populations
 from raysys.store import ZooWriter, open_zoo, rows_table, splits_for
 from raysys.train import ModelSpec, evaluate
@@ -74,19 +74,19 @@ def test_decoded_population_loads_and_evaluates(tiny_zoo):
     zoo = open_zoo(tiny_zoo)
     W, meta = zoo.weights(epochs=[3], splits=["train"])
     ae = PCAAutoencoder(W, len(W), zoo.layout)  # full rank: decoding reproduces the zoo's weights
-    Z = generate.encode(ae, W, zoo.layout, batch_size=5)
+    Z = codec.encode(ae, W, zoo.layout, batch_size=5)
     assert Z.shape == (len(W), len(W))
-    decoded = generate.decode(ae, Z, zoo.layout, batch_size=3)  # batches must not change the result
-    np.testing.assert_allclose(decoded, generate.decode(ae, Z, zoo.layout), rtol=1e-6, atol=1e-6)
+    decoded = codec.decode(ae, Z, zoo.layout, batch_size=3)  # batches must not change the result
+    np.testing.assert_allclose(decoded, codec.decode(ae, Z, zoo.layout), rtol=1e-6, atol=1e-6)
     data = datasets.load("tetris")
-    models = generate.load_models(zoo.layout, decoded, "tanh")
+    models = codec.load_models(zoo.layout, decoded, "tanh")
     accs = np.array([evaluate(m, data)["test_acc"] for m in models])
     # Loaded into the architecture, decoded models behave exactly as the zoo recorded them.
     np.testing.assert_allclose(accs, meta["test_acc"].to_numpy(), atol=1e-9)
     assert accs.mean() > 0.3  # above chance (0.25): trained models, not noise
     wrong = architectures.layout_of("cnn_s", 1, 10)
     with pytest.raises(RaysysError, match="cnn_s"):
-        generate.decode(ae, Z, wrong)
+        codec.decode(ae, Z, wrong)
 
 
 @pytest.mark.slow

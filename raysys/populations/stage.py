@@ -32,7 +32,7 @@ from pydantic import Field, field_validator, model_validator
 
 from raysys import datasets, tracking
 from raysys.config import Config, RaysysError
-from raysys.populations import finetune, generate, novelty, report, samplers
+from raysys.populations import codec, finetune, novelty, report, samplers
 from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
 from raysys.train import ModelSpec
 
@@ -248,7 +248,7 @@ def initial_weights(method: str, cfg: PopulationsConfig, anchors: dict, autoenco
         sampler = samplers.make_sampler("S_KDE30" if method == "B_KDE30" else method, s.bandwidth, s.top_fraction,
                                         random_state=rng_seed)
         Z = sampler.fit(anchors[which], anchors["val_acc"]).sample(n)
-        return generate.decode(autoencoders[which], Z, view.layout, s.batch_size)
+        return codec.decode(autoencoders[which], Z, view.layout, s.batch_size)
     if (sigma := _noise_sigma(method)) is not None:
         W, _ = samplers.noise_population(anchors["weights"], anchors["val_acc"], n, sigma, s.top_fraction, rng_seed)
         return W
@@ -374,10 +374,10 @@ def _metric(key: str, value: float):
 
 
 def load_autoencoders(checkpoint_dir, nolwln_checkpoint_dir=None, autoencoder=None, nolwln_autoencoder=None) -> dict:
-    aes = {"lwln": autoencoder if autoencoder is not None else generate.load_autoencoder(checkpoint_dir)}
+    aes = {"lwln": autoencoder if autoencoder is not None else codec.load_autoencoder(checkpoint_dir)}
     if nolwln_autoencoder is not None or nolwln_checkpoint_dir is not None:
         aes["nolwln"] = nolwln_autoencoder if nolwln_autoencoder is not None \
-            else generate.load_autoencoder(nolwln_checkpoint_dir)
+            else codec.load_autoencoder(nolwln_checkpoint_dir)
     return aes
 
 
@@ -388,7 +388,7 @@ def prepare(config: PopulationsConfig, zoo_dir, autoencoders: dict) -> tuple[Pop
     [M, P], ``val_acc`` [M] and one latent matrix per autoencoder (``lwln``, ``nolwln``).
     """
     if config.zoo_epochs is None:
-        window = generate.epoch_window(autoencoders["lwln"])
+        window = codec.epoch_window(autoencoders["lwln"])
         if window is None:
             raise RaysysError("zoo_epochs is not set and the autoencoder does not say which zoo epochs it was trained "
                               "on. Set zoo_epochs in the config, e.g. --set zoo_epochs=[21,22,23,24,25].")
@@ -398,7 +398,7 @@ def prepare(config: PopulationsConfig, zoo_dir, autoencoders: dict) -> tuple[Pop
     anchors = {"weights": W, "val_acc": meta["val_acc"].to_numpy(np.float64),
                "test_acc": meta["test_acc"].to_numpy(np.float64)}
     for which, ae in autoencoders.items():
-        anchors[which] = generate.encode(ae, W, view.layout, config.sampling.batch_size)
+        anchors[which] = codec.encode(ae, W, view.layout, config.sampling.batch_size)
     return config, view, anchors
 
 
