@@ -33,7 +33,7 @@ STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "zoo_aligned": ("align.py", "architectures.py"),
     "hyperrep": ("hyperrep/augment.py", "hyperrep/checkpoint.py", "hyperrep/config.py", "hyperrep/evaluate.py",
                  "hyperrep/losses.py", "hyperrep/model.py", "hyperrep/tokens.py", "hyperrep/train.py", "probes.py"),
-    "populations": ("populations/finetune.py", "populations/codec.py", "populations/novelty.py",
+    "populations": ("populations/config.py", "populations/finetune.py", "populations/codec.py", "populations/novelty.py",
                     "populations/report.py", "populations/samplers.py", "populations/stage.py",
                     "population.py", "architectures.py", "datasets.py"),
 }

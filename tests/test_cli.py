@@ -199,7 +199,8 @@ def test_every_long_command_has_no_progress(path):
 
 def test_default_tracking_uri_is_the_same_for_every_stage(tmp_path, monkeypatch):
     from raysys import tracking
-    from raysys.populations.stage import PopulationsConfig, _tracking_uri
+    from raysys.populations.config import PopulationsConfig
+    from raysys.populations.stage import _tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)

@@ -12,7 +12,8 @@ from raysys import architectures, datasets
 from raysys.config import RaysysError, load, validate
 from raysys.population import train_population
 from raysys.populations import codec, finetune
-from raysys.populations.stage import PopulationsConfig, run_populations
+from raysys.populations.config import PopulationsConfig
+from raysys.populations.stage import run_populations
 from raysys.store import ZooWriter, open_zoo, rows_table, splits_for
 from raysys.train import ModelSpec, evaluate
 

@@ -124,7 +124,7 @@ def test_bad_inputs_are_clear_errors():
         KDESampler().sample(3)
     with pytest.raises(RaysysError, match="S_KDE30"):
         make_sampler("S_GAN")
-    from raysys.populations.stage import PopulationsConfig
+    from raysys.populations.config import PopulationsConfig
     with pytest.raises(ConfigError, match="B_noise_<sigma>"):
         validate(PopulationsConfig, {"methods": ["S_KDE", "B_nois_0.1"]})
     with pytest.raises(ConfigError, match="transfer"):
@@ -262,7 +262,7 @@ def test_calibrated_noise_hits_the_target_and_refuses_an_unreachable_one():
 
 
 def test_matched_noise_config_is_validated():
-    from raysys.populations.stage import PopulationsConfig
+    from raysys.populations.config import PopulationsConfig
     cfg = validate(PopulationsConfig, {"methods": ["S_KDE30", "B_noise_novelty", "B_noise_diversity"]})
     assert cfg.matched_noise.target == "S_KDE30" and cfg.matched_noise.tolerance == 0.02
     with pytest.raises(ConfigError, match="not in methods"):

@@ -16,7 +16,7 @@ from raysys.config import RaysysError, load
 
 
 def _config(args):
-    from raysys.populations.stage import PopulationsConfig
+    from raysys.populations.config import PopulationsConfig
     return load(PopulationsConfig, args.config, args.overrides)
 
 
