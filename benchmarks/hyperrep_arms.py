@@ -28,7 +28,7 @@ from raysys.hyperrep.augment import Augmenter
 from raysys.hyperrep.config import HyperRepConfig
 from raysys.hyperrep.losses import CONTRASTIVE, layer_statistics, reconstruction_loss
 from raysys.hyperrep.model import HyperRepresentation
-from raysys.hyperrep.train import load_window
+from raysys.hyperrep.data import load_window
 from raysys.store import open_zoo
 
 

@@ -31,8 +31,8 @@ _TRAINER = ("train.py", "population.py", "architectures.py", "datasets.py")
 STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "zoo": _TRAINER,
     "zoo_aligned": ("align.py", "architectures.py"),
-    "hyperrep": ("hyperrep/augment.py", "hyperrep/checkpoint.py", "hyperrep/config.py", "hyperrep/evaluate.py",
-                 "hyperrep/losses.py", "hyperrep/model.py", "hyperrep/tokens.py", "hyperrep/train.py", "probes.py"),
+    "hyperrep": ("hyperrep/augment.py", "hyperrep/checkpoint.py", "hyperrep/config.py", "hyperrep/data.py",
+                 "hyperrep/evaluate.py", "hyperrep/losses.py", "hyperrep/model.py", "hyperrep/tokens.py", "hyperrep/train.py", "probes.py"),
     "populations": ("populations/config.py", "populations/finetune.py", "populations/codec.py", "populations/novelty.py",
                     "populations/report.py", "populations/samplers.py", "populations/stage.py",
                     "population.py", "architectures.py", "datasets.py"),

@@ -382,16 +382,18 @@ class Objectives:
 
     def __init__(self, zoo_dir: str | Path, hyperrep: HyperRepConfig, sampler: dict, objectives: list[str],
                  seed: int = 0, data_root: str | None = None):
+        from raysys.hyperrep.data import usable_states
+
         zoo = open_zoo(zoo_dir)
         self.layout, self.objectives, self.sampler, self.seed = zoo.layout, objectives, sampler, seed
         self.epochs = window_epochs(zoo, hyperrep)
-        self.w_val, f_val = _usable(*zoo.weights(self.epochs, ["val"]))
+        self.w_val, f_val = usable_states(zoo, self.epochs, ["val"])
         if len(self.w_val) == 0:
             raise RaysysError(f"zoo {zoo_dir} has no usable validation-split models at epochs {self.epochs}; "
                               f"the search scores on the validation split. Use a zoo with more models.")
         self.y_val = f_val["test_acc"].to_numpy()
         if {"probe_r2", "sample_acc"} & set(objectives):
-            self.w_train, f_train = _usable(*zoo.weights(self.epochs, ["train"]))
+            self.w_train, f_train = usable_states(zoo, self.epochs, ["train"])
             self.y_train = f_train["test_acc"].to_numpy()
             self.val_acc_train = f_train["val_acc"].to_numpy()  # the sampler's top fraction ranks by validation accuracy
             self.activation = f_train["activation"].mode().iloc[0]
@@ -427,19 +429,11 @@ class Objectives:
 
 
 def window_epochs(zoo, hyperrep: HyperRepConfig) -> list[int]:
-    first, last = hyperrep.train.epoch_window
-    stored = sorted(int(e) for e in zoo.frame(splits=["val"])["epoch"].unique())
-    epochs = [e for e in stored if first <= e <= last]
-    if not epochs:
-        raise RaysysError(f"the zoo stores epochs {stored[0]}..{stored[-1]} but the autoencoder's epoch_window is "
-                          f"[{first}, {last}]. Set base.train.epoch_window to stored epochs, e.g. "
-                          f"--set base.train.epoch_window=[{stored[-1]},{stored[-1]}].")
-    return epochs
+    from raysys.hyperrep.data import window_epochs as stored_window
 
-
-def _usable(weights: np.ndarray, frame):
-    keep = np.isfinite(weights).all(axis=1) & ~frame["diverged"].to_numpy()
-    return weights[keep], frame[keep].reset_index(drop=True)
+    return stored_window(zoo, hyperrep.train.epoch_window, "val",
+                         "Set base.train.epoch_window to epochs it stores, e.g. --set 'base.train.epoch_window=[E,E]' "
+                         "with E its last epoch ('raysys zoo info ZOO' lists them).")
 
 
 def _floor(value: float) -> float:

@@ -460,6 +460,28 @@ def test_training_refuses_missing_epochs(tiny_zoo, tmp_path):
         train(validate(HyperRepConfig, TINY), tiny_zoo, tmp_path / "ck", progress=False)
 
 
+def test_usable_states_drop_exactly_the_non_finite_and_diverged_rows_and_windows_name_the_fix(tiny_zoo):
+    from raysys.hyperrep.data import usable, usable_states, window_epochs
+    from raysys.store import open_zoo
+
+    zoo = open_zoo(tiny_zoo)
+    w, frame = zoo.weights(epochs=[1, 2], splits=["train"])
+    w = w.copy()
+    frame = frame.copy()
+    w[0, 3] = np.nan                      # a non-finite state
+    frame.loc[1, "diverged"] = True       # a diverged one
+    kept, kept_frame = usable(w, frame)
+    assert len(kept) == len(w) - 2 and len(kept_frame) == len(kept)
+    np.testing.assert_array_equal(kept, w[2:])
+    assert kept_frame["model_id"].tolist() == frame["model_id"].tolist()[2:]
+    w2, f2 = usable_states(zoo, [1, 2], ["train"])  # the zoo's own states: all usable
+    assert len(w2) == len(frame) and np.isfinite(w2).all()
+    stored = sorted(int(e) for e in zoo.frame()["epoch"].unique())
+    assert window_epochs(zoo, (stored[-1], 10 ** 6), "val", "fix") == [stored[-1]]
+    with pytest.raises(RaysysError, match=r"epoch_window is \[500, 600\]\. Set X"):
+        window_epochs(zoo, (500, 600), "val", "Set X")
+
+
 # --- resume --------------------------------------------------------------------------------------
 
 class Cut(Exception):

@@ -99,7 +99,7 @@ def test_eval_cli_end_to_end(trained, capsys):
     # Yardsticks against an independent computation: the train split's states in the checkpoint's
     # epoch window (the autoencoder's own training data), sklearn PCA with k = latent_dim, r2_score.
     from sklearn.decomposition import PCA
-    from raysys.hyperrep.train import load_window
+    from raysys.hyperrep.data import load_window
 
     w_train = load_window(zoo, tuple(hr.config.train.epoch_window))["train"].numpy().astype(np.float64)
     sticks = rec["yardsticks"]
@@ -307,7 +307,7 @@ def test_baselines_cli_matches_sklearn_and_brute_force(trained, capsys, tmp_path
     from sklearn.decomposition import PCA
 
     from raysys.cli import main
-    from raysys.hyperrep.train import load_window
+    from raysys.hyperrep.data import load_window
 
     out = tmp_path / "baselines.json"
     assert main(["hyperrep", "baselines", str(trained["zoo"]), "--k", "2", "4", "--window", "1", str(EPOCHS),

@@ -33,6 +33,7 @@ import torch
 from raysys import architectures, datasets
 from raysys.architectures import Layout
 from raysys.config import RaysysError
+from raysys.hyperrep.data import usable_states, window_epochs
 from raysys.probes import LayerStatistics, ood_probes, probe_all, r2, varying_targets
 from raysys.integrity import check_output_dir
 from raysys.store import atomic_write_bytes, atomic_write_json, jsonable, open_zoo, zoo_dataset
@@ -150,7 +151,7 @@ def baselines(zoo_dir, ks=(8, 16, 32, 64), window: tuple[int, int] = (21, 25)) -
     state's closest training row in L2: what a generator that only memorizes could reach). R² as in
     :func:`reconstruction_r2` (split-own mean) and :func:`r2_ref` (SS_tot around the training mean).
     """
-    from raysys.hyperrep.train import load_window
+    from raysys.hyperrep.data import load_window
 
     zoo = open_zoo(zoo_dir)
     data = load_window(zoo, window)
@@ -290,12 +291,6 @@ def _save(fig, path: Path):
 
 # --- the evaluation -------------------------------------------------------------------------
 
-def _load_rows(zoo, epochs, splits):
-    w, frame = zoo.weights(epochs=epochs, splits=splits)
-    keep = np.isfinite(w).all(axis=1) & ~frame["diverged"].to_numpy(bool)
-    return w[keep], frame[keep].reset_index(drop=True)
-
-
 def _cap(w, frame, rows=MAX_PROBE_ROWS, seed=0):
     if len(w) <= rows:
         return w, frame
@@ -305,13 +300,7 @@ def _cap(w, frame, rows=MAX_PROBE_ROWS, seed=0):
 
 def _trained_epochs(hr, zoo) -> list[int]:
     """The zoo epochs the autoencoder was trained on (000 §4.1: 21–25) that the zoo stores."""
-    first, last = hr.config.train.epoch_window
-    stored = set(int(e) for e in zoo.frame(splits=["test"])["epoch"].unique())
-    epochs = [e for e in range(first, last + 1) if e in stored]
-    if not epochs:
-        raise RaysysError(f"the checkpoint was trained on zoo epochs {first}-{last} but zoo {zoo.root} stores "
-                          f"epochs {min(stored)}-{max(stored)}. Pass --epochs to pick the epochs to evaluate.")
-    return epochs
+    return window_epochs(zoo, hr.config.train.epoch_window, "test", "Pass --epochs to pick the epochs to evaluate.")
 
 
 def _features(hr, layout, w):
@@ -340,7 +329,7 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
 
     # 1. reconstruction of the test split
     epochs = list(epochs) if epochs else _trained_epochs(hr, zoo)
-    w_test, f_test = _load_rows(zoo, epochs, ["test"])
+    w_test, f_test = usable_states(zoo, epochs, ["test"])
     if len(w_test) < 2:
         raise RaysysError(f"zoo {zoo_dir} has {len(w_test)} usable test rows at epochs {epochs}; "
                           f"evaluation needs at least 2. Use a larger zoo or other --epochs.")
@@ -369,7 +358,7 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
     # 3. probes on z vs W vs s(W)
     stored = sorted(int(e) for e in zoo.frame()["epoch"].unique())
     probe_epochs = list(probe_epochs) if probe_epochs else [e for e in stored if e > 0] or stored
-    by_split = {s: _cap(*_load_rows(zoo, probe_epochs, [s])) for s in ("train", "val", "test")}
+    by_split = {s: _cap(*usable_states(zoo, probe_epochs, [s])) for s in ("train", "val", "test")}
     features = {s: _features(hr, layout, w) for s, (w, _) in by_split.items()}
     features_by_set = {k: {s: features[s][k] for s in features} for k in ("z", "W", "s(W)")}
     frames = {s: f for s, (_, f) in by_split.items()}
@@ -379,7 +368,7 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
     if ood_zoo is not None:
         other = open_zoo(ood_zoo)
         hr.check_layout(other.layout, f"--ood-zoo {ood_zoo}")
-        w_ood, f_ood = _cap(*_load_rows(other, probe_epochs, ["test"]))
+        w_ood, f_ood = _cap(*usable_states(other, probe_epochs, ["test"]))
         if len(w_ood) < 2:
             raise RaysysError(f"--ood-zoo {ood_zoo} has {len(w_ood)} usable test rows at epochs {probe_epochs}; "
                               f"pass --probe-epochs that both zoos store.")
@@ -429,14 +418,14 @@ def evaluate(checkpoint_dir, zoo_dir, out_dir, data_root=None, tracking_uri=None
 
 def _fit_rows(hr, zoo, epochs) -> dict:
     """The zoo's training-split states the yardsticks are fit on: the autoencoder's own training data
-    (``train.epoch_window``, finite and not diverged, as :func:`raysys.hyperrep.train.load_window`
+    (``train.epoch_window``, finite and not diverged, as :func:`raysys.hyperrep.data.load_window`
     selects them), or the training split at the evaluated epochs when the zoo lacks that window."""
     first, last = hr.config.train.epoch_window
     window = list(range(first, last + 1))
-    w, frame = _load_rows(zoo, window, ["train"])
+    w, frame = usable_states(zoo, window, ["train"])
     source = "train.epoch_window"
     if len(w) < 2:
-        w, frame = _load_rows(zoo, epochs, ["train"])
+        w, frame = usable_states(zoo, epochs, ["train"])
         window, source = list(epochs), "evaluated epochs (the zoo lacks train.epoch_window)"
     if len(w) < 2:
         raise RaysysError(f"zoo {zoo.root} has {len(w)} usable training-split states at epochs {window}; the PCA and "

@@ -35,34 +35,17 @@ from raysys.config import RaysysError, validate
 from raysys.hyperrep.augment import Augmenter
 from raysys.hyperrep.checkpoint import manifest_sha256
 from raysys.hyperrep.config import HyperRepConfig, LossConfig
+from raysys.hyperrep.data import load_window
 from raysys.hyperrep.losses import CONTRASTIVE, layer_statistics, reconstruction_loss
 from raysys.hyperrep.model import HyperRepresentation
 from raysys.integrity import check_output_dir
 from raysys.probes import r2
 from raysys.store import atomic_write_bytes, atomic_write_json, open_zoo
 
-SPLITS = ("train", "val", "test")
 Report = Callable[[int, dict], None]
 RESUME_DIR, RESUME_FILE, RESUME_FORMAT = "resume", "state.safetensors", 2
 # Config keys that do not change what is trained, so a resume may change them.
 RESUME_FREE = {"train.threads"}
-
-
-def load_window(zoo, window: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """{split: weights [rows, P]} of the model states in the epoch window; diverged rows dropped."""
-    epochs = list(range(window[0], window[1] + 1))
-    out = {}
-    for split in SPLITS:
-        w, meta = zoo.weights(epochs=epochs, splits=[split])
-        keep = np.isfinite(w).all(axis=1) & ~meta["diverged"].to_numpy(dtype=bool) if len(w) else np.zeros(0, bool)
-        out[split] = torch.from_numpy(np.ascontiguousarray(w[keep])).float() if len(w) else torch.zeros(0, zoo.num_params)
-    if len(out["train"]) < 2 or len(out["val"]) < 1:
-        have = sorted(zoo.frame()["epoch"].unique().tolist())
-        raise RaysysError(
-            f"zoo {zoo.root} has {len(out['train'])} training and {len(out['val'])} validation model states in "
-            f"epochs {window[0]}-{window[1]} (the zoo has epochs {have[0]}-{have[-1]}). Set train.epoch_window "
-            f"to epochs the zoo has, e.g. --set 'train.epoch_window=[{max(have[0], have[-1] - 4)},{have[-1]}]'.")
-    return out
 
 
 def resolve_device(name: str) -> torch.device:
