@@ -246,10 +246,6 @@ def run(argv: list[str], in_subprocess: bool, cwd: Path, capsys) -> tuple[object
     return rc, captured.out + captured.err
 
 
-def test_the_table_is_big_enough():
-    assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
-
-
 @pytest.mark.slow  # the module's `world` trains a population and an autoencoder first
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_one_clear_error_and_writes_nothing(case, world, tmp_path, capsys, monkeypatch):

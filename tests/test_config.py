@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from raysys.config import ConfigError, RaysysError, apply_overrides, dump, load, read_yaml, validate
+from raysys.config import ConfigError, apply_overrides, dump, load, read_yaml, validate
 from raysys.zoo import RandomSeeds, ZooConfig, expand, plan_shards
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "zoo"
@@ -35,10 +35,6 @@ def test_unknown_nested_key_is_named_with_its_path_and_suggestion():
     assert "grid.lrr" in msg and "did you mean 'lr'" in msg
     msg = error_of(base(resources={"num_worker": 2}))
     assert "resources.num_worker" in msg and "num_workers" in msg
-
-
-def test_errors_are_user_fixable_raysys_errors():
-    assert issubclass(ConfigError, RaysysError)
 
 
 @pytest.mark.parametrize("change, needle", [
