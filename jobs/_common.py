@@ -56,8 +56,8 @@ def local_out(out: str) -> Path:
     """Stages that write only through local paths: accept a local/NFS path (or file://), refuse remote URIs."""
     if "://" in out and not out.startswith("file://"):
         raise RaysysError(f"--out {out}: this stage writes through the local filesystem. Use a path on the shared "
-                          f"storage mounted on every node (e.g. /mnt/shared/...), or run jobs/pipeline.py, which "
-                          f"stages s3:// outputs.")
+                          f"storage mounted on every node (e.g. /mnt/shared/...), or run jobs/zoo.py or jobs/pipeline.py, "
+                          f"which write s3:// outputs.")
     return Path(out[len("file://"):] if out.startswith("file://") else out).expanduser().resolve()
 
 

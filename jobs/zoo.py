@@ -2,6 +2,8 @@
 
     RAY_AUTH_MODE=token ray job submit --working-dir . --runtime-env jobs/runtime_env.yaml -- \
         python jobs/zoo.py --config configs/zoo/digits-seed.yaml --out /mnt/shared/zoos/digits-seed
+
+--out may also be s3://bucket/prefix (credentials and AWS_ENDPOINT_URL through the standard AWS variables).
 """
 import _common
 
@@ -18,7 +20,11 @@ def run():
         overrides.append(f"resources.num_workers={args.workers}")
     if args.gpu:
         overrides.append("resources.use_gpu=true")
-    out, address = _common.local_out(args.out), _common.ray_address(args.address)
+    from raysys.storage import is_remote
+
+    # s3://bucket/prefix (any pyarrow filesystem URI): the workers publish their shards there themselves
+    out = args.out if is_remote(args.out) else _common.local_out(args.out)
+    address = _common.ray_address(args.address)
     from raysys import zoo
 
     _common.connect(address)

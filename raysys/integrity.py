@@ -47,7 +47,7 @@ class Problem:
 
 @dataclass
 class ZooReport:
-    root: Path
+    root: Path | str
     planned_shards: int = 0
     good_shards: int = 0
     rows: int = 0
@@ -87,6 +87,14 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
     from raysys.store import (META, MANIFEST, QUARANTINE, SHARDS, is_legacy, open_zoo, planned_shards, quarantined_files,
                               read_shard, schema_problem, sha256_file, shard_file, shard_record)
 
+    from raysys.storage import Remote, is_remote
+
+    if is_remote(root):  # the bytes fetched from the remote store into its working copy are the ones checked
+        remote = Remote(str(root), flag="zoo")
+        remote.pull()
+        report = verify_zoo(remote.local, checksums)
+        report.root, report.repair = remote.uri, report.repair.replace(str(remote.local), remote.uri)
+        return report
     root = Path(root)
     if not root.is_dir():
         raise RaysysError(f"{root} is not a directory. Pass the zoo directory written by "
@@ -207,8 +215,13 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
 
 def _cmd_verify(args) -> int:
     if getattr(args, "repair", False):
+        from raysys.storage import is_remote
         from raysys.store import MANIFEST, PLAN, repair_manifest
 
+        if is_remote(args.dir):
+            raise RaysysError(f"--repair rewrites a manifest in place and works on a local zoo directory, not "
+                              f"{args.dir}. Rerun 'raysys zoo generate CONFIG --out {args.dir}' with the zoo's config: "
+                              f"it rebuilds the manifest and keeps every shard that matches its record.")
         if not Path(args.dir).is_dir():
             raise RaysysError(f"{args.dir} is not a directory. Pass the zoo directory written by "
                               f"'raysys zoo generate CONFIG --out DIR'.")

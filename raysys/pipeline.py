@@ -35,7 +35,7 @@ from typing import Any, Callable
 from pydantic import Field
 
 from raysys import __version__
-from raysys.config import Config, ConfigError, apply_overrides, read_yaml, validate
+from raysys.config import Config, ConfigError, RaysysError, apply_overrides, read_yaml, validate
 from raysys.store import META, SUMMARY_PLOT, atomic_write_bytes, atomic_write_json, meta_file
 from raysys.provenance import code_fingerprint, describe, same_code
 from raysys.tracking import mask_uri
@@ -75,7 +75,8 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
     from raysys.store import WriterLock
 
     stages = stage_configs(config, config_dir)
-    with output_dir(out_dir) as out, ray_session(config.ray_address) as start_ray, \
+    with output_storage(out_dir) as (out, remote), \
+            ray_session(config.ray_address, storage=remote.uri if remote is not None else out) as start_ray, \
             WriterLock(out, "raysys pipeline", path=out / LOCK_FILE):
         uri = tracking_uri(config, out)
         out.mkdir(parents=True, exist_ok=True)
@@ -90,12 +91,20 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
 
         def stage(name: str, work: Callable[[Path], str | None], resumable: bool | Callable[[Path], bool] = False,
                   inputs: tuple[str, ...] = ()) -> str | None:
-            return run_stage(out / name, h[name], work, resumable, before=start_ray,  # Ray only if work is left
-                             inputs={i: out / i for i in inputs}, code=code_fingerprint(name),
-                             legacy_hash=legacy[name])
+            run_id = run_stage(out / name, h[name], work, resumable, before=start_ray,  # Ray only if work is left
+                               inputs={i: out / i for i in inputs}, code=code_fingerprint(name),
+                               legacy_hash=legacy[name])
+            if remote is not None:  # published as soon as it is complete: a crash later loses nothing of it
+                remote.push(name)
+            return run_id
 
-        runs["zoo"] = stage("zoo", resumable=True, work=lambda d: (
-            zoo.generate(stages["zoo"], d, progress=progress), find_run(uri, stages["zoo"].mlflow.experiment, d))[1])
+        def zoo_work(d: Path) -> str | None:
+            # on a remote --out the workers publish the zoo's shards there directly (zoo.generate's remote)
+            sub = remote.sub("zoo", local=d) if remote is not None else None
+            zoo.generate(stages["zoo"], d, progress=progress, remote=sub)
+            return find_run(uri, stages["zoo"].mlflow.experiment, sub.uri if sub is not None else d)
+
+        runs["zoo"] = stage("zoo", resumable=True, work=zoo_work)
         zoo_dir = out / "zoo"
         if "align" in stages:
             stage("zoo_aligned", lambda d: align_stage(stages["align"], out / "zoo", d, progress), inputs=("zoo",))
@@ -400,58 +409,80 @@ def train_autoencoder(cfg, zoo_dir: Path, out_dir: Path, uri: str, evaluate: boo
 # --- environment: output storage, Ray, MLflow ----------------------------------------------------
 
 @contextmanager
-def output_dir(uri: str | Path, filesystem=None):
-    """Yield a local directory for the outputs of ``uri``.
+def output_storage(uri: str | Path, filesystem=None):
+    """Yield ``(local directory, remote)`` for the outputs of ``uri``; ``remote`` is None for a local one.
 
-    A local path (or file://) is used directly. A remote URI (s3://, gs://, ...), resolved through
-    pyarrow's filesystems, is staged: existing outputs are pulled into a local scratch directory
-    (so finished stages are skipped), and everything is pushed back after the run, even a failed one.
+    A local path (or file://) is used directly. A remote URI (s3://, gs://, ...), resolved through pyarrow's
+    filesystems (:class:`raysys.storage.Remote`), is worked on in a local scratch directory: everything published
+    there is pulled first (so finished stages are skipped and an interrupted zoo resumes from its published shards);
+    :func:`run_pipeline` publishes each stage as soon as it completes (the zoo's shards as they are written), and
+    everything is pushed again at the end, even after a failure.
     ``filesystem``: a pyarrow filesystem to resolve ``uri`` in, instead of the one its scheme names.
     """
     import pyarrow.fs as pafs
 
+    from raysys.storage import Remote
+
     text = str(uri)
     if "://" not in text and filesystem is None:
-        yield Path(text).expanduser().resolve()
+        yield Path(text).expanduser().resolve(), None
         return
-    try:
-        fs, path = (filesystem, text) if filesystem is not None else pafs.FileSystem.from_uri(text)
-    except Exception as err:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError / OSError here
-        raise ConfigError(f"--out {text} is not a storage URI this machine can open ({err}). Use a local or NFS path, "
-                          f"or s3://bucket/prefix with AWS credentials configured.") from None
-    if isinstance(fs, pafs.LocalFileSystem):
-        yield Path(path).resolve()
+    if text.startswith("file://") and filesystem is None:
+        yield Path(text[len("file://"):]).expanduser().resolve(), None
         return
-    try:
-        exists = fs.get_file_info(path).type == pafs.FileType.Directory
-    except OSError as err:
-        raise ConfigError(f"cannot read --out {text} ({err}). Check the bucket name and the credentials "
-                          f"(AWS_PROFILE, an instance role), or write to an NFS path such as /mnt/shared/...") from None
     scratch = Path(tempfile.mkdtemp(prefix="raysys-pipeline-"))
     try:
-        if exists:
-            pafs.copy_files(path, str(scratch), source_filesystem=fs)
-        yield scratch
+        remote = Remote(text, local=scratch, filesystem=filesystem)
+    except Exception:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if isinstance(remote.fs, pafs.LocalFileSystem):
+        shutil.rmtree(scratch, ignore_errors=True)
+        yield Path(remote.path).resolve(), None
+        return
+    try:
+        try:
+            remote.pull()
+        except RaysysError as err:
+            raise ConfigError(str(err)) from None
+        yield scratch, remote
+        remote.push()
+    except BaseException:
+        try:
+            remote.push()  # what a failed run finished is kept: a rerun resumes from it
+        except Exception:  # noqa: S110 - the run's own error is the one to report
+            pass
+        raise
     finally:
-        fs.create_dir(path, recursive=True)
-        pafs.copy_files(str(scratch), path, destination_filesystem=fs)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 @contextmanager
-def ray_session(address: str | None):
+def output_dir(uri: str | Path, filesystem=None):
+    """The local directory of :func:`output_storage` alone."""
+    with output_storage(uri, filesystem) as (out, _):
+        yield out
+
+
+@contextmanager
+def ray_session(address: str | None, storage: str | Path | None = None):
     """Yield ``start()``, which joins Ray on first use, so that a run whose stages are all up to date
     needs no Ray at all. A Ray the caller started (a test, a job driver) is used as is; otherwise
-    ``address``, else $RAY_ADDRESS (set inside `ray job submit`), else a private local Ray."""
+    ``address``, else $RAY_ADDRESS (set inside `ray job submit`), else a private local Ray.
+    ``storage``: the output every node must see (:func:`raysys.storage.check_shared_storage`, once joined)."""
     import ray
 
-    started = []
+    started, checked = [], []
 
     def start() -> None:
         from raysys.runtime import init_ray
+        from raysys.storage import check_shared_storage
 
         if init_ray(address):
             started.append(address)
+        if storage is not None and not checked:  # once: before the first stage with work puts anything on a node
+            check_shared_storage(storage)
+            checked.append(storage)
 
     try:
         yield start
@@ -497,7 +528,8 @@ def find_run(uri: str, experiment: str, out_dir: Path) -> str | None:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`raysys.out_dir` = '{Path(out_dir).resolve()}'",
+    where = str(out_dir) if "://" in str(out_dir) else str(Path(out_dir).resolve())
+    runs = client.search_runs([exp.experiment_id], f"tags.`raysys.out_dir` = '{where}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0].info.run_id if runs else None
 

@@ -351,9 +351,8 @@ class WriterLock:
     def __enter__(self) -> "WriterLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> None:
         self.release()
-        return False
 
 
 # --- quarantine ----------------------------------------------------------------------------------
@@ -547,10 +546,17 @@ def rows_table(num_params: int, model_ids, epoch: int, splits, weights: np.ndarr
 
 
 class ZooWriter:
-    """Writes a zoo directory: the manifest first, then shards as they complete."""
+    """Writes a zoo directory: the manifest first, then shards as they complete.
 
-    def __init__(self, root: str | Path):
+    ``remote`` (a :class:`raysys.storage.Remote`, or its URI): ``root`` is the working copy of a zoo on a pyarrow
+    filesystem (``s3://...``); each shard is published as soon as it is written, its Parquet object before its
+    completion record, and "complete" means complete there."""
+
+    def __init__(self, root: str | Path, remote=None):
+        from raysys.storage import Remote
+
         self.root = Path(root)
+        self.remote = Remote(remote, local=root) if isinstance(remote, str) else remote
         self._layout: dict | None = None
 
     def write_manifest(self, manifest: dict) -> None:
@@ -578,8 +584,9 @@ class ZooWriter:
     def _file_metadata(self, num_params: int) -> dict:
         if self._layout is None:  # a worker's writer: the driver wrote the manifest
             try:
-                self._layout = json.loads((self.root / MANIFEST).read_text()).get("layout")
-            except (OSError, ValueError):
+                raw = self.remote.read_bytes(MANIFEST) if self.remote is not None else (self.root / MANIFEST).read_bytes()
+                self._layout = json.loads(raw).get("layout")
+            except (OSError, ValueError, TypeError, AttributeError):
                 self._layout = None
         return layout_metadata(self._layout, num_params)
 
@@ -587,9 +594,20 @@ class ZooWriter:
         record = _write_shard_file(self.root, shard, table, model_ids, self._file_metadata(_num_params(table)))
         self.record_path(shard).parent.mkdir(exist_ok=True)
         atomic_write_json(self.record_path(shard), record)
+        if self.remote is not None:  # the data, then the record that says it is complete
+            for path in (self.shard_path(shard), self.record_path(shard)):
+                self.remote.upload(path.relative_to(self.root).as_posix())
         return record
 
     def is_complete(self, shard: int) -> bool:
+        if self.remote is not None:  # published: a record, and the object's size is the recorded one
+            raw = self.remote.read_bytes(f"{META}/shard-{int(shard):05d}.json")
+            try:
+                rec = json.loads(raw) if raw is not None else None
+            except ValueError:
+                rec = None
+            info = self.remote.info(f"{SHARDS}/shard-{int(shard):05d}.parquet") if isinstance(rec, dict) else None
+            return info is not None and rec.get("bytes") == info.size
         path = self.shard_path(shard)
         _, rec = shard_record(self.root, shard)
         if not path.exists() or rec is None:
@@ -653,6 +671,12 @@ class Zoo:
     root: Path
     manifest: dict
     partial: bool = False
+    uri: str | None = None  # a zoo on a pyarrow filesystem: its URI (``root`` is its local working copy)
+
+    @property
+    def where(self) -> str:
+        """The zoo as its user named it: the URI of a remote zoo, else the directory."""
+        return self.uri or str(self.root)
 
     @property
     def layout(self) -> Layout:
@@ -686,18 +710,18 @@ class Zoo:
         """How to rewrite this zoo's bad shards: the command that wrote it, rerun."""
         aligned = self.manifest.get("aligned")
         if isinstance(aligned, dict):
-            return f"rerun 'raysys zoo align {aligned.get('source', 'SRC')} --out {self.root}' with the same options"
+            return f"rerun 'raysys zoo align {aligned.get('source', 'SRC')} --out {self.where}' with the same options"
         imported = self.manifest.get("imported")
         if isinstance(imported, dict):
-            return (f"rerun 'raysys zoo import-modelzoos {imported.get('source', 'SRC')} --out {self.root}' with the "
+            return (f"rerun 'raysys zoo import-modelzoos {imported.get('source', 'SRC')} --out {self.where}' with the "
                     f"same options")
-        return f"rerun 'raysys zoo generate CONFIG --out {self.root}' with the zoo's config"
+        return f"rerun 'raysys zoo generate CONFIG --out {self.where}' with the zoo's config"
 
     def table(self, columns: list[str] | None = None, epochs: Iterable[int] | None = None,
               splits: Iterable[str] | None = None) -> pa.Table:
         status = self.manifest.get("status", "complete")
         if status != "complete" and not self.partial:
-            raise StoreError(f"zoo {self.root} is not complete (its manifest says '{status}': "
+            raise StoreError(f"zoo {self.where} is not complete (its manifest says '{status}': "
                              f"{len(self.shard_files())} of {len(self.manifest.get('shards', []))} shards written). "
                              f"Let 'raysys zoo generate' finish, or rerun the same command to resume it; "
                              f"open_zoo(..., partial=True) reads the shards written so far.")
@@ -706,13 +730,13 @@ class Zoo:
             have = {_shard_number(f) for f in files}
             lost = [int(s["shard"]) for s in self.manifest.get("shards", []) if int(s["shard"]) not in have]
             if lost:
-                raise StoreError(f"zoo {self.root} is damaged: planned shard(s) {lost} have no Parquet file with a "
+                raise StoreError(f"zoo {self.where} is damaged: planned shard(s) {lost} have no Parquet file with a "
                                  f"matching completion record ({record_file(self.root, lost[0])} and "
-                                 f"{shard_file(self.root, lost[0])}). Run 'raysys zoo verify {self.root}' to see what "
+                                 f"{shard_file(self.root, lost[0])}). Run 'raysys zoo verify {self.where}' to see what "
                                  f"is wrong, then {self.repair_command()} to rewrite them.")
         if not files:
-            raise StoreError(f"zoo {self.root} has no complete shards. Generate it with "
-                             f"'raysys zoo generate CONFIG --out {self.root}'.")
+            raise StoreError(f"zoo {self.where} has no complete shards. Generate it with "
+                             f"'raysys zoo generate CONFIG --out {self.where}'.")
         filters = []
         if epochs is not None:
             filters.append(("epoch", "in", [int(e) for e in epochs]))
@@ -751,8 +775,8 @@ class Zoo:
         where = [("model_id", "=", int(model_id)), ("epoch", "=", int(epoch))]
         rows = pa.concat_tables([read_shard(f, ["weights", "activation", "dropout"], where) for f in self.shard_files()])
         if rows.num_rows != 1:
-            raise StoreError(f"zoo {self.root} has {rows.num_rows} rows for model {model_id} at epoch {epoch}. "
-                             f"'raysys zoo info {self.root}' lists its models and epochs.")
+            raise StoreError(f"zoo {self.where} has {rows.num_rows} rows for model {model_id} at epoch {epoch}. "
+                             f"'raysys zoo info {self.where}' lists its models and epochs.")
         layout = self.layout
         module = architectures.build(layout.arch, rows.column("activation")[0].as_py(),
                                      float(rows.column("dropout")[0].as_py()), layout.in_channels, layout.num_classes)
@@ -903,7 +927,21 @@ def check_schema(zoo) -> None:
 
 def open_zoo(root: str | Path, check: bool = True, partial: bool = False) -> Zoo:
     """Open a zoo directory; ``check`` also refuses a manifest whose layout disagrees with the data;
-    ``partial`` allows reading a zoo whose generation has not finished (the shards written so far)."""
+    ``partial`` allows reading a zoo whose generation has not finished (the shards written so far).
+
+    ``root`` may be a pyarrow filesystem URI (``s3://bucket/prefix``): the zoo is read from its local working copy
+    (:func:`raysys.storage.mirror_dir`), first made equal to the remote one (only changed objects are fetched)."""
+    from raysys.storage import Remote, is_remote
+
+    if is_remote(root):
+        remote = Remote(str(root), flag="zoo")
+        remote.pull()
+        try:
+            zoo = open_zoo(remote.local, check, partial)
+        except StoreError as err:
+            raise StoreError(str(err).replace(str(remote.local), remote.uri)) from None
+        zoo.uri = remote.uri
+        return zoo
     root = Path(root)
     manifest = read_manifest(root)
     zoo = Zoo(root, manifest, partial)

@@ -394,19 +394,33 @@ def _worker_loop(cfg: dict) -> None:
         import ray.train.torch
 
         device = str(ray.train.torch.get_device())
-    writer = ZooWriter(cfg["out_dir"])
+    remote = cfg.get("remote")
+    staging = None
+    if remote is not None:  # a zoo on a pyarrow filesystem: each shard is staged here, then published by this worker
+        import tempfile
+
+        staging = Path(tempfile.mkdtemp(prefix="raysys-shards-"))
+        remote = remote.at(staging)
+    writer = ZooWriter(cfg["out_dir"] if staging is None else staging, remote)
     specs = expand(config)
     shards = [Shard(s["shard"], tuple(s["model_ids"]), tuple(s["population"])) for s in cfg["pending"]]
     mine = shards[rank::world]
     data = datasets.load(config.dataset.name, config.dataset.root, **config.dataset.options)
     progress = cfg.get("progress")
     report = (lambda n: progress.add.remote(n)) if progress is not None else None
-    for shard in mine:
-        if writer.is_complete(shard.shard):
-            continue  # finished before Ray Train restarted this worker group
-        train_shard(config.arch, shard, specs, data, config.epochs, cfg["splits"], writer, device, report)
-        if progress is not None:
-            progress.shard_done.remote()
+    try:
+        for shard in mine:
+            if writer.is_complete(shard.shard):
+                continue  # finished before Ray Train restarted this worker group
+            train_shard(config.arch, shard, specs, data, config.epochs, cfg["splits"], writer, device, report)
+            if staging is not None:  # published: the driver fetches it from the remote store
+                writer.shard_path(shard.shard).unlink(missing_ok=True)
+                writer.record_path(shard.shard).unlink(missing_ok=True)
+            if progress is not None:
+                progress.shard_done.remote()
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _progress_actor():
@@ -448,13 +462,13 @@ class _Progress:
 
 
 def _run_in_process(config: ZooConfig, out_dir: Path, data, specs, pending: list[Shard], splits: list[str],
-                    progress: _Progress) -> None:
+                    progress: _Progress, remote=None) -> None:
     """Train the pending shards one after the other in this process (:func:`choose_runner`): what one Ray Train
     worker does in :func:`_worker_loop`, with torch at the worker's thread count (Ray gives a worker of
     ``cpus_per_worker`` CPUs as many threads), so the shards come out the same."""
     import torch
 
-    writer, threads = ZooWriter(out_dir), torch.get_num_threads()
+    writer, threads = ZooWriter(out_dir, remote), torch.get_num_threads()
     torch.set_num_threads(max(1, int(config.resources.cpus_per_worker)))
     try:
         for shard in pending:
@@ -471,7 +485,8 @@ def _run_in_process(config: ZooConfig, out_dir: Path, data, specs, pending: list
         torch.set_num_threads(threads)
 
 
-def _run_trainer(config: ZooConfig, out_dir: Path, pending: list[Shard], splits: list[str], progress) -> None:
+def _run_trainer(config: ZooConfig, out_dir: Path, pending: list[Shard], splits: list[str], progress,
+                 remote=None) -> None:
     import ray.train
 
     from raysys import runtime
@@ -484,6 +499,7 @@ def _run_trainer(config: ZooConfig, out_dir: Path, pending: list[Shard], splits:
             "pending": [{"shard": s.shard, "model_ids": list(s.model_ids), "population": list(s.population)}
                         for s in pending],
             "progress": progress,
+            "remote": remote,  # a raysys.storage.Remote: workers publish their shards there themselves
         },
         scaling_config=ray.train.ScalingConfig(num_workers=min(r.num_workers, len(pending)), use_gpu=r.use_gpu,
                                                resources_per_worker={"CPU": r.cpus_per_worker}),
@@ -598,8 +614,13 @@ def _pending(out_dir: Path, shards: list[Shard], resuming: bool) -> tuple[list[S
 
 
 def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: list[str] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, remote=None) -> dict:
     """Generate (or resume) a zoo in ``out_dir``; returns the final manifest.
+
+    ``out_dir`` may be a pyarrow filesystem URI (``s3://bucket/prefix``, :mod:`raysys.storage`): the driver works
+    on a local copy of it (``remote``, a :class:`~raysys.storage.Remote`, names both sides explicitly), made equal
+    to the remote one first; the workers publish each shard there as soon as it is written (Parquet object, then
+    its record), and the manifest is published before training and once complete.
 
     Everything that can be checked is checked before anything is written: the output directory,
     the Ray address, the MLflow URI, the dataset, the resources, and that an existing zoo in
@@ -613,19 +634,31 @@ def generate(config: ZooConfig | str | Path, out_dir: str | Path, overrides: lis
         config = load_config(config, overrides)
     elif overrides:
         config = validate(ZooConfig, apply_overrides(config.model_dump(mode="json"), overrides), "overrides")
-    out_dir = check_output_dir(out_dir).resolve()  # absolute: workers run in other directories
+    from raysys.storage import Remote, is_remote
+
+    if remote is None and is_remote(out_dir):
+        remote = Remote(str(out_dir))
+    if remote is not None:
+        out_dir = check_output_dir(remote.local, flag="the working copy of --out").resolve()
+    else:
+        out_dir = check_output_dir(out_dir).resolve()  # absolute: workers run in other directories
     if not _ray_initialized():
         check_ray_address(runtime.resolve_address(config.ray_address))
     tracking_uri = check_tracking_uri(config.mlflow.tracking_uri)
     tracker = runtime.TrackingProcess(tracking_uri)  # imports MLflow on another core while this one works
     try:
-        return _generate_locked(config, out_dir, tracking_uri, tracker, progress)
+        return _generate_locked(config, out_dir, tracking_uri, tracker, progress, remote)
     finally:
         tracker.close()
 
 
-def _generate_locked(config: ZooConfig, out_dir: Path, tracking_uri: str, tracker, progress: bool) -> dict:
+def _generate_locked(config: ZooConfig, out_dir: Path, tracking_uri: str, tracker, progress: bool,
+                     remote=None) -> dict:
     from raysys import datasets, runtime
+    from raysys.storage import check_shared_storage
+
+    if remote is not None:  # the working copy becomes the remote zoo: what is there decides resume and shards
+        remote.pull()
 
     specs = expand(config)
     shards = plan_shards(specs, config.models_per_shard)
@@ -652,10 +685,15 @@ def _generate_locked(config: ZooConfig, out_dir: Path, tracking_uri: str, tracke
                 started_ray = runtime.init_ray(config.ray_address)
                 config = _resolve_workers(config)
                 _check_resources(config, local=started_ray and runtime.resolve_address(config.ray_address) == runtime.LOCAL)
+                # every node writes shards to --out as it resolves it: a node that does not see the driver's files
+                # would scatter the zoo (one node: nothing to check)
+                check_shared_storage(remote.uri if remote is not None else out_dir)
             ZooWriter(out_dir).write_manifest(_manifest(config, data, shards, splits, "running"))
             _clean_partial_files(out_dir)
+            if remote is not None:  # the running manifest (and any quarantine moves) before the first shard
+                remote.push()
             return _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracker, progress,
-                             runner)
+                             runner, remote)
     finally:
         if started_ray:
             import ray
@@ -731,13 +769,14 @@ def _check_resources(config: ZooConfig, local: bool) -> None:
 
 
 def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, tracker, progress,
-              runner="ray_train") -> dict:
+              runner="ray_train", remote=None) -> dict:
     writer = ZooWriter(out_dir)
     total = len(specs) * config.epochs
     done_model_epochs = sum(len(s.model_ids) for s in shards if s not in pending) * config.epochs
     from raysys.runtime import cluster_tags
 
-    tags = {"raysys.stage": "zoo", "raysys.zoo": config.name, "raysys.out_dir": str(out_dir),
+    tags = {"raysys.stage": "zoo", "raysys.zoo": config.name,
+            "raysys.out_dir": remote.uri if remote is not None else str(out_dir),
             "raysys.version": __version__, "raysys.resumed": str(resuming).lower(), "raysys.runner": runner,
             **(cluster_tags() if _ray_initialized() else {})}
     with tracker.run(config.mlflow.experiment, config.name, tags, config.model_dump(mode="json")) as run:
@@ -748,13 +787,15 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
             counter = _Progress()
             with _ProgressWatcher(counter.get, total, done_model_epochs, len(shards) - len(pending), len(shards),
                                   tracker.log_metrics, progress):
-                _run_in_process(config, out_dir, data, specs, pending, splits, counter)
+                _run_in_process(config, out_dir, data, specs, pending, splits, counter, remote)
         elif pending:
             actor = _progress_actor()
             with _ProgressWatcher(_actor_poll(actor), total, done_model_epochs, len(shards) - len(pending),
                                   len(shards), tracker.log_metrics, progress):
-                _run_trainer(config, out_dir, pending, splits, actor)
+                _run_trainer(config, out_dir, pending, splits, actor, remote)
         wall = time.time() - t0
+        if remote is not None:  # the shards the workers published
+            remote.pull()
         missing = [s.shard for s in shards if not writer.is_complete(s.shard)]
         if missing:
             raise RaysysError(f"shards {missing} of {out_dir} are incomplete after training. "
@@ -766,6 +807,8 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
         summary = summarize(zoo)
         plot = out_dir / META / SUMMARY_PLOT
         plot_accuracy(zoo, plot)
+        if remote is not None:
+            remote.push()  # records, then the complete manifest, last
         run.log_metrics({"model_epochs_done": total, "wall_s": wall,
                             "test_acc_last_mean": summary["test_acc_last"][0],
                             "test_acc_last_std": summary["test_acc_last"][1],
@@ -926,7 +969,9 @@ def _cmd_generate(args) -> int:
     generate(config, args.out, progress=not args.no_progress)
     print(format_summary(summarize(open_zoo(args.out))))
     print(f"wall time    {time.time() - t0:.1f} s")
-    print(f"zoo written to {Path(args.out).resolve()}")
+    from raysys.storage import is_remote
+
+    print(f"zoo written to {args.out if is_remote(args.out) else Path(args.out).resolve()}")
     return 0
 
 
@@ -936,7 +981,10 @@ def _cmd_info(args) -> int:
         from raysys.store import jsonable
 
         pairs = {k: {"mean": v[0], "std": v[1]} for k, v in summary.items() if k.startswith("test_acc")}
-        print(json.dumps(jsonable({"dir": str(Path(args.dir).resolve()), **summary, **pairs}), indent=2))
+        from raysys.storage import is_remote
+
+        where = str(args.dir) if is_remote(args.dir) else str(Path(args.dir).resolve())
+        print(json.dumps(jsonable({"dir": where, **summary, **pairs}), indent=2))
     else:
         print(format_summary(summary))
     return 0

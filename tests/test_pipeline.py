@@ -380,7 +380,8 @@ def test_job_outside_a_cluster_says_how_to_submit_it(tmp_path):
 
 
 def test_job_refuses_a_remote_uri_it_cannot_write(tmp_path):
-    res = run_job_script("zoo", "--config", str(TINY), "--out", "s3://bucket/zoo")
+    res = run_job_script("populations", "--config", str(TINY), "--zoo", "z", "--checkpoint", "c",
+                         "--out", "s3://bucket/populations")
     assert res.returncode == 2 and "writes through the local filesystem" in res.stderr
 
 
