@@ -193,10 +193,10 @@ def verify_zoo(root: str | Path, checksums: bool = True) -> ZooReport:
             report.good_shards += 1
     for path in sorted(shard_dir.glob("shard-*.parquet")):
         try:
-            sid = int(path.stem.split("-")[1])
+            number: int | None = int(path.stem.split("-")[1])
         except (IndexError, ValueError):
-            sid = None
-        if sid not in planned_ids:
+            number = None
+        if number not in planned_ids:
             report.problems.append(Problem("unplanned", path.name, "is not in the manifest's shard plan (from another "
                                                                   "zoo?); move it away"))
     for path in sorted([*shard_dir.glob(".*.tmp"), *(root / META).glob(".*.tmp")]):

@@ -133,13 +133,13 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
 
 # --- configs and hashes -------------------------------------------------------------------------
 
-def stage_configs(config: PipelineConfig, config_dir: str | Path | None = None) -> dict[str, Config]:
+def stage_configs(config: PipelineConfig, config_dir: str | Path | None = None) -> dict[str, Any]:
     """The validated stage configs (embedded mappings, or YAML paths relative to ``config_dir``)."""
     from raysys.hyperrep.config import HyperRepConfig
     from raysys.populations import PopulationsConfig
     from raysys.zoo import ZooConfig
 
-    out = {}
+    out: dict[str, Any] = {}
     for key, cls in (("zoo", ZooConfig), ("hyperrep", HyperRepConfig), ("populations", PopulationsConfig)):
         value = getattr(config, key)
         if isinstance(value, str):
@@ -367,6 +367,8 @@ def autoencoder_resumable(cfg, zoo_dir: Path) -> Callable[[Path], bool]:
             print(f"raysys pipeline: {stage_dir.name}: its resume state does not fit ({err}); "
                   f"starting again from epoch 1", flush=True)
             return False
+        if state is None:
+            return False
         print(f"raysys pipeline: {stage_dir.name}: interrupted after epoch {state['epoch']}, "
               f"resuming at epoch {state['epoch'] + 1}", flush=True)
         return True
@@ -472,7 +474,8 @@ def ray_session(address: str | None, storage: str | Path | None = None):
     ``storage``: the output every node must see (:func:`raysys.storage.check_shared_storage`, once joined)."""
     import ray
 
-    started, checked = [], []
+    started: list[str | None] = []  # the address joined, once
+    checked: list[str | Path] = []  # the storage checked, once
 
     def start() -> None:
         from raysys.runtime import init_ray

@@ -215,7 +215,8 @@ class _ConvPool(torch.autograd.Function):
 def _to_blocks(w: torch.Tensor, models: int, k: int) -> torch.Tensor:
     """Kernels [N*O, C, kh, kw] of N models -> [N*O, k*C, kh, kw]: oneDNN groups of k models, each
     model's kernels on its own input channels, zeros on the other models' channels."""
-    o, c, kh, kw = w.shape[0] // models, *w.shape[1:]
+    o = w.shape[0] // models
+    c, kh, kw = w.shape[1:]
     blocks = w.new_zeros(models // k, k, o, k, c, kh, kw)
     blocks.diagonal(0, 1, 3).copy_(w.view(models // k, k, o, c, kh, kw).permute(0, 2, 3, 4, 5, 1))
     return blocks.view(models * o, k * c, kh, kw)
@@ -342,19 +343,27 @@ class _ChainPopulation:
                     x = torch.bmm(x, wt) if b is None else torch.baddbmm(b[:, None, :], x, wt)
         return x
 
+    def _kernel(self) -> tuple[int, ...]:
+        """The first conv's kernel size (the im2col paths exist only for a first conv)."""
+        if self.first_kernel is None:
+            raise RaysysError("this architecture's first layer is not a conv; the first-conv GEMM path does not apply")
+        return self.first_kernel
+
     def _conv_rows(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Images [M, C, H, W] -> first-conv im2col rows [M, Ho*Wo, C*kh*kw (+1)], with a column of
         ones when the layer has a bias, so the bias rides inside the GEMM. The rows are copied once,
         straight from a strided view of the images (unfold + cat + transpose took three passes),
         into ``out`` when given: a buffer from an earlier call whose ones column is already set."""
         m, c, h, w = x.shape
-        kh, kw = self.first_kernel
+        kh, kw = self._kernel()
         ho, wo, k = h - kh + 1, w - kw + 1, c * kh * kw
         x = x.contiguous()
         patches = x.as_strided((m, ho, wo, c, kh, kw), (c * h * w, w, 1, h * w, w, 1), x.storage_offset())
         width = k + self.first_bias
-        fresh = out is None or out.shape[0] < m
-        rows = x.new_empty(m, ho * wo, width) if fresh else out[:m]
+        if out is not None and out.shape[0] >= m:
+            rows, fresh = out[:m], False
+        else:
+            rows, fresh = x.new_empty(m, ho * wo, width), True
         rows.view(m, ho, wo, width)[..., :k].view(m, ho, wo, c, kh, kw).copy_(patches)
         if self.first_bias and fresh:
             rows[..., k] = 1.0
@@ -499,10 +508,11 @@ class _ChainPopulation:
         n_o = w.shape[1]
         step = max(1, min(max_images, EVAL_SLICE_FLOATS.get(self.device.type, 1 << 40) // per_image))
         x0 = self.images["train"]
-        ho, wo = x0.shape[2] - self.first_kernel[0] + 1, x0.shape[3] - self.first_kernel[1] + 1
+        kernel = self._kernel()
+        ho, wo = x0.shape[2] - kernel[0] + 1, x0.shape[3] - kernel[1] + 1
         buffer = torch.empty(step * ho * wo, n_o, device=self.device)
 
-        buffers = {}  # the largest rows / pooled output so far, reused (fresh memory costs page faults)
+        buffers: dict[str, torch.Tensor] = {}  # the largest rows / pooled output so far, reused (fresh memory costs page faults)
         indices = torch.empty((step, n_o, ho // 2, wo // 2), dtype=torch.int64, device=self.device,
                               memory_format=torch.channels_last)
 

@@ -54,7 +54,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -512,7 +512,7 @@ def planned_shards(manifest: dict, root: Path) -> list[dict]:
     for sid in recorded_shards(root):
         _, rec = shard_record(root, sid)
         try:
-            plan.append({"shard": int(rec["shard"]), "model_ids": rec["model_ids"]})
+            plan.append({"shard": int((rec or {})["shard"]), "model_ids": (rec or {})["model_ids"]})
         except (KeyError, TypeError, ValueError):
             plan.append({"shard": sid, "model_ids": None})
     return plan
@@ -585,7 +585,7 @@ class ZooWriter:
         if self._layout is None:  # a worker's writer: the driver wrote the manifest
             try:
                 raw = self.remote.read_bytes(MANIFEST) if self.remote is not None else (self.root / MANIFEST).read_bytes()
-                self._layout = json.loads(raw).get("layout")
+                self._layout = json.loads(raw or b"null").get("layout")
             except (OSError, ValueError, TypeError, AttributeError):
                 self._layout = None
         return layout_metadata(self._layout, num_params)
@@ -607,7 +607,7 @@ class ZooWriter:
             except ValueError:
                 rec = None
             info = self.remote.info(f"{SHARDS}/shard-{int(shard):05d}.parquet") if isinstance(rec, dict) else None
-            return info is not None and rec.get("bytes") == info.size
+            return info is not None and isinstance(rec, dict) and rec.get("bytes") == info.size
         path = self.shard_path(shard)
         _, rec = shard_record(self.root, shard)
         if not path.exists() or rec is None:
@@ -737,7 +737,7 @@ class Zoo:
         if not files:
             raise StoreError(f"zoo {self.where} has no complete shards. Generate it with "
                              f"'raysys zoo generate CONFIG --out {self.where}'.")
-        filters = []
+        filters: list[tuple[str, str, list]] = []
         if epochs is not None:
             filters.append(("epoch", "in", [int(e) for e in epochs]))
         if splits is not None:
@@ -1095,7 +1095,7 @@ def migrate_zoo(root: str | Path, out: str | Path | None = None) -> dict:
     in_place = out is None or dst.resolve() == root.resolve()
     if not in_place and dst.exists() and any(dst.iterdir()):
         raise StoreError(f"--out {dst} exists and is not empty. Choose a new directory (or an empty one).")
-    summary = {"zoo": str(root), "out": str(dst), "converted": 0, "already": 0, "skipped": []}
+    summary: dict[str, Any] = {"zoo": str(root), "out": str(dst), "converted": 0, "already": 0, "skipped": []}
     if in_place and not is_legacy(root):
         summary["already"] = len(recorded_shards(root))
         return summary

@@ -133,7 +133,8 @@ class _seeded_dropout:
     """Route a model's nn.Dropout calls through its own generator, in forward order."""
 
     def __init__(self, model: torch.nn.Module, generator: torch.Generator):
-        self.model, self.generator, self.handles = model, generator, []
+        self.model, self.generator = model, generator
+        self.handles: list = []
 
     def __enter__(self):
         for m in self.model.modules():

@@ -270,7 +270,7 @@ def plan_shards(specs: list[ModelSpec], models_per_shard: int) -> list[Shard]:
     populations: dict[tuple, list[int]] = {}
     for s in specs:
         populations.setdefault(s.population_key(), []).append(s.model_id)
-    shards = []
+    shards: list[Shard] = []
     for key, ids in populations.items():
         for i in range(0, len(ids), models_per_shard):
             shards.append(Shard(len(shards), tuple(ids[i:i + models_per_shard]), key))
@@ -501,7 +501,7 @@ def _run_trainer(config: ZooConfig, out_dir: Path, pending: list[Shard], splits:
             "progress": progress,
             "remote": remote,  # a raysys.storage.Remote: workers publish their shards there themselves
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=min(r.num_workers, len(pending)), use_gpu=r.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=min(r.num_workers or 1, len(pending)), use_gpu=r.use_gpu,
                                                resources_per_worker={"CPU": r.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=f"zoo-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
@@ -759,7 +759,7 @@ def _check_resources(config: ZooConfig, local: bool) -> None:
     import ray
 
     r, have = config.resources, ray.cluster_resources()
-    need_cpu = r.num_workers * r.cpus_per_worker
+    need_cpu = (r.num_workers or 1) * r.cpus_per_worker  # resolved by _resolve_workers before this
     if r.use_gpu and have.get("GPU", 0) < 1 and local:
         raise RaysysError("resources.use_gpu is true but this machine's Ray has no GPU. "
                           "Set resources.use_gpu=false (--set resources.use_gpu=false) or pass --address of a GPU cluster.")
@@ -800,7 +800,7 @@ def _generate(config, out_dir, data, specs, shards, splits, pending, resuming, t
         if missing:
             raise RaysysError(f"shards {missing} of {out_dir} are incomplete after training. "
                               f"Rerun the same command to resume.")
-        records = {s.shard: shard_record(out_dir, s.shard)[1] for s in shards}
+        records = {s.shard: shard_record(out_dir, s.shard)[1] or {} for s in shards}
         manifest = _manifest(config, data, shards, splits, "complete", records)
         writer.write_manifest(manifest)
         zoo = open_zoo(out_dir)
