@@ -202,3 +202,48 @@ def test_workers_on_two_nodes_write_a_zoo_to_s3_that_reads_back_equal_to_a_local
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# The pipeline's driver, SIGKILLed by itself as the autoencoder stage starts: after the zoo (and its aligned copy)
+# completed, before anything else; no final push can run.
+KILLED_AT_AUTOENCODER = """
+import os, signal, sys
+import raysys.pipeline as pipeline
+from raysys import cli
+pipeline.train_autoencoder = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_pipeline_killed_after_its_zoo_stage_has_published_it_and_a_rerun_skips_it(s3, tmp_path):
+    """``raysys pipeline --out s3://…`` publishes each stage when it completes: a driver SIGKILLed as the
+    autoencoder stage starts leaves the zoo and its aligned copy complete in the bucket (their stage records
+    included); the rerun, from a fresh working copy, skips both and finishes."""
+    import pyarrow.fs as pafs
+
+    uri, env = "s3://bkt/runs/killed", {**os.environ, **s3["env"]}
+    args = ["pipeline", str(ROOT / "configs" / "pipeline" / "tiny.yaml"), "--out", uri,
+            "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-progress", "--set", "evaluate=false"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_AUTOENCODER, *args], env=env, capture_output=True,
+                            text=True, timeout=400, cwd=tmp_path)
+    assert killed.returncode == -9, killed.stdout[-3000:] + killed.stderr[-3000:]
+
+    def objects(prefix):
+        return {i.path[len(prefix) + 1:] for i in s3["fs"].get_file_info(pafs.FileSelector(prefix, recursive=True))
+                if i.type == pafs.FileType.File}
+    published = objects("bkt/runs/killed")
+    for stage in ("zoo", "zoo_aligned"):
+        assert {f"{stage}/__raysys__/stage.json", f"{stage}/__raysys__/manifest.json",
+                f"{stage}/shards/shard-00000.parquet"} <= published, sorted(published)
+        with s3["fs"].open_input_stream(f"bkt/runs/killed/{stage}/__raysys__/manifest.json") as f:
+            assert json.loads(f.read())["status"] == "complete"
+    assert not [k for k in published if k.startswith(("hyperrep/", "populations/"))]
+    assert not [k for k in published if k.endswith((".tmp", ".lock")) or ".raysys-sentinel-" in k]
+
+    # the rerun's working copy is a new scratch folder: it starts from what the bucket holds
+    rerun = subprocess.run([cli("raysys"), *args], env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "zoo: up to date" in rerun.stdout and "zoo_aligned: up to date" in rerun.stdout, rerun.stdout
+    assert "hyperrep: running" in rerun.stdout and "populations: running" in rerun.stdout
+    assert {"report.md", "populations/stage.json", "hyperrep/stage.json"} <= objects("bkt/runs/killed")
