@@ -71,7 +71,7 @@ def test_head_runs_mlflow_server_that_raysys_accepts(name):
     assert len(serve) == 1
     words = shlex.split(serve[0].split("raysys ", 1)[1].split(">", 1)[0].replace("$HOME", "/home/u"))
     args = parser.parse_args(words)
-    assert args.func.__name__ == "serve"
+    assert args.func.target == "raysys.mlflow_server:serve"
     mlflow_server.check_backend_store_uri(args.backend_store_uri)  # absolute sqlite, or raises
     assert args.artifacts_destination.startswith("/mnt/shared")
     # workers log to the head's server
