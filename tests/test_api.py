@@ -148,6 +148,7 @@ def test_save_pretrained_then_from_pretrained_gives_identical_outputs(tmp_path):
         HyperRepresentation.from_pretrained(tmp_path / "hub", colour="red")
 
 
+@pytest.mark.slow
 def test_a_folder_from_hyperrep_train_loads_with_from_pretrained(trained, tmp_path):
     from raysys.hyperrep import HyperRepresentation
     from raysys.hyperrep.model import load_for_zoo

@@ -60,6 +60,7 @@ def test_zoo_generate_on_a_tiny_config_prints_only_raysys_lines(tmp_path):
     assert run.data.metrics["model_epochs_done"] == 4 * 2
 
 
+@pytest.mark.slow
 def test_tracking_without_ray_prints_nothing(tmp_path):
     """The stages that log through an MlflowClient (hyperrep eval, populations, pipeline) without Ray."""
     code = ("import sys; from raysys import tracking; "

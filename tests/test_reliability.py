@@ -50,6 +50,7 @@ def trained_zoo(out: Path, config: ZooConfig) -> ZooWriter:
 # --- A: strays are quarantined ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resumed_generate_quarantines_unplanned_files_and_verify_names_them(tmp_path, mlflow_uri, capsys):
     out, config = tmp_path / "zoo", tiny_config(mlflow_uri)
     writer = trained_zoo(out, config)
@@ -122,6 +123,7 @@ def complete_zoo(tmp_path, mlflow_uri):
     return out, config
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_owner_then_a_dead_owners_lock_is_taken_over(complete_zoo, tmp_path,
                                                                                             capsys):
     zoo, config = complete_zoo
@@ -184,6 +186,7 @@ def test_a_lock_of_another_host_is_stale_only_after_the_timeout_and_a_reused_pid
         WriterLock(root, "test").acquire()
 
 
+@pytest.mark.slow
 def test_start_up_cleanup_removes_only_temp_files_of_dead_owners(complete_zoo):
     zoo, config = complete_zoo
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
@@ -283,6 +286,7 @@ def test_verify_repair_rebuilds_a_truncated_manifest_byte_for_byte(pristine, tmp
     assert "no readable __raysys__/plan.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_generate_rebuilds_a_damaged_manifest_from_its_config(pristine, tmp_path, mlflow_uri, capsys):
     zoo = tmp_path / "zoo"
     shutil.copytree(pristine / "zoo", zoo)
@@ -357,6 +361,7 @@ def test_every_reader_of_a_damaged_zoo_fails_with_one_line_naming_the_file_and_t
 # --- item 5: cache keys that see code --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_zoo_made_by_other_trainer_code_is_not_resumed(tmp_path, mlflow_uri, capsys, monkeypatch):
     """The manifest and every shard record name the store format and the trainer's code fingerprint; a resumed
     generate whose fingerprint differs from the zoo's (forged here) is refused, naming both and the way to start

@@ -394,6 +394,7 @@ def _runner_zoo(tmp_path, name, runner, mlflow_uri):
     return out, manifest
 
 
+@pytest.mark.slow
 def test_a_tiny_local_zoo_trains_in_process_without_ray(tmp_path, mlflow_uri):
     """The in-process runner end to end: the zoo, its records, the manifest and the MLflow run (tagged with
     the runner), and no Ray started by generate."""
@@ -428,6 +429,7 @@ def test_both_runners_write_the_same_zoo(tmp_path, ray_local, mlflow_uri):
     assert strip(ma) == strip(mb)
 
 
+@pytest.mark.slow
 def test_the_mlflow_helper_process_ends_runs_as_the_block_ends(tmp_path, mlflow_uri):
     """zoo generate keeps its MLflow run in a helper process (raysys.runtime.TrackingProcess): metrics and
     artifacts arrive, a block that raises ends the run FAILED, a normal one FINISHED, and errors come back."""
