@@ -601,12 +601,13 @@ class ZooWriter:
 
     def is_complete(self, shard: int) -> bool:
         if self.remote is not None:  # published: a record, and the object's size is the recorded one
-            raw = self.remote.read_bytes(f"{META}/shard-{int(shard):05d}.json")
+            raw = self.remote.read_bytes(self.record_path(shard).relative_to(self.root).as_posix())
             try:
                 rec = json.loads(raw) if raw is not None else None
             except ValueError:
                 rec = None
-            info = self.remote.info(f"{SHARDS}/shard-{int(shard):05d}.parquet") if isinstance(rec, dict) else None
+            info = self.remote.info(self.shard_path(shard).relative_to(self.root).as_posix()) \
+                if isinstance(rec, dict) else None
             return info is not None and isinstance(rec, dict) and rec.get("bytes") == info.size
         path = self.shard_path(shard)
         _, rec = shard_record(self.root, shard)

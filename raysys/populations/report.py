@@ -85,9 +85,7 @@ def noise_comparison(results: dict) -> list[dict]:
                              "matched_on": kinds, "novelty": _measure(pop, "novelty"),
                              "noise_novelty": _measure(ref, "novelty"), "diversity": _measure(pop, "diversity"),
                              "noise_diversity": _measure(ref, "diversity"),
-                             "acc_diff": {str(b): 100 * (finite_mean_std(pop["test_acc"][str(b)])[0]
-                                                         - finite_mean_std(ref["test_acc"][str(b)])[0])
-                                          for b in results["budgets"]}})
+                             "acc_diff": {str(b): _mean_acc(pop, b) - _mean_acc(ref, b) for b in results["budgets"]}})
     return rows
 
 

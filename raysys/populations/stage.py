@@ -110,7 +110,8 @@ def initial_weights(method: str, cfg: PopulationsConfig, anchors: dict, autoenco
                                  _method_seed(cfg, "generate", cfg.matched_noise.target))
         if target is None:
             raise RaysysError(f"matched_noise.target={cfg.matched_noise.target} is not a sampled population")
-        return calibrated_noise(method, cfg, anchors, target, anchors["weights"], view.layout, rng_seed)["weights"]
+        return calibrated_noise(method, cfg, anchors, target, novelty_references(cfg, view, anchors), view.layout,
+                                rng_seed)["weights"]
     if method in samplers.SAMPLER_NAMES or method == "B_KDE30":
         which = "nolwln" if method == "B_KDE30" else "lwln"
         sampler = samplers.make_sampler("S_KDE30" if method == "B_KDE30" else method, s.bandwidth, s.top_fraction,
@@ -126,6 +127,12 @@ def initial_weights(method: str, cfg: PopulationsConfig, anchors: dict, autoenco
         rows = rng.choice(len(W), size=n, replace=len(W) < n)
         return W[rows]
     raise RaysysError(f"unknown method '{method}'")
+
+
+def novelty_references(cfg: PopulationsConfig, view: ZooView, anchors: dict) -> np.ndarray:
+    """The training-model states novelty is measured against: ``novelty.reference_epochs``, else the anchors."""
+    epochs = cfg.novelty.reference_epochs or cfg.anchor_epochs
+    return anchors["weights"] if epochs == cfg.anchor_epochs else view.states(epochs)[0]
 
 
 def calibrated_noise(method: str, cfg: PopulationsConfig, anchors: dict, target_weights: np.ndarray,
@@ -323,8 +330,7 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
     specs = _specs(view, cfg)
     activation = specs[0].activation
     W_anchor = anchors["weights"]
-    ref_epochs = cfg.novelty.reference_epochs or cfg.anchor_epochs
-    W_ref = W_anchor if ref_epochs == cfg.anchor_epochs else view.states(ref_epochs)[0]
+    W_ref = novelty_references(cfg, view, anchors)
 
     settings = [("in_dataset", view.dataset_name, view.dataset_options, cfg.methods)]
     if cfg.transfer is not None:
@@ -421,7 +427,7 @@ def run_populations(config: PopulationsConfig, zoo_dir, checkpoint_dir, out_dir,
 
     results = {"zoo": str(Path(zoo_dir).resolve()), "zoo_name": Path(zoo_dir).name, "arch": arch,
                "dataset": view.dataset_name, "num_models": cfg.num_models, "budgets": budgets,
-               "reference_epochs": ref_epochs, "num_anchors": int(len(W_anchor)),
+               "reference_epochs": cfg.novelty.reference_epochs or cfg.anchor_epochs, "num_anchors": int(len(W_anchor)),
                "yardsticks": yardsticks(anchors, cfg.sampling.top_fraction), "calibration": calibration,
                "config": tracking.mask_secrets(cfg.model_dump(mode="json")), "populations": populations, "skipped": skipped}
     atomic_write_json(out / "results.json", results)
