@@ -551,7 +551,9 @@ class _ChainPopulation:
 # --- fallback ---------------------------------------------------------------------------------
 
 def _train_one_by_one(arch, specs, data, epochs, on_epoch, init_weights) -> torch.Tensor:
-    """Architectures with buffers (BatchNorm): train_one per model, reports gathered per epoch."""
+    """Architectures with buffers (BatchNorm): train_one per model, reports gathered per epoch (all of them in
+    memory until the last model is done; one model's are reported as they come, which is how ``zoo generate``
+    streams these architectures' shards)."""
     per_epoch: list[list] = [[] for _ in range(epochs + 1)]
     finals = []
     for i, spec in enumerate(specs):
@@ -560,9 +562,11 @@ def _train_one_by_one(arch, specs, data, epochs, on_epoch, init_weights) -> torc
             model = architectures.build(arch, spec.activation, spec.dropout, data.in_channels, data.num_classes)
             architectures.unflatten(init_weights[i].detach().cpu(), model)
         collect = None if on_epoch is None else (lambda e, w, m: per_epoch[e].append((w, m)))
+        if on_epoch is not None and len(specs) == 1:  # nothing to gather: each epoch reported as it ends
+            collect = on_epoch
         model = train_one(arch, spec, data, epochs, collect, model=model)
         finals.append(architectures.flatten(model))
-    if on_epoch is not None:
+    if on_epoch is not None and len(specs) > 1:
         for epoch, items in enumerate(per_epoch):
             weights = torch.cat([w for w, _ in items])
             metrics = {k: np.concatenate([m[k] for _, m in items]) for k in items[0][1]}

@@ -591,7 +591,21 @@ class ZooWriter:
         return layout_metadata(self._layout, num_params)
 
     def write_shard(self, shard: int, table: pa.Table, model_ids: Iterable[int]) -> dict:
-        record = _write_shard_file(self.root, shard, table, model_ids, self._file_metadata(_num_params(table)))
+        """Shard ``shard`` written whole from ``table`` (align, migrate); ``zoo generate`` streams it instead
+        (:meth:`stream_shard`)."""
+        with self.stream_shard(shard, model_ids) as stream:
+            stream.append(table)
+            return stream.close()
+
+    def stream_shard(self, shard: int, model_ids: Iterable[int]) -> ShardStream:
+        """Shard ``shard`` written as it is produced: :meth:`ShardStream.append` one epoch's rows at a time (one
+        Parquet row group each, so memory holds one epoch of the shard, not all of them), then
+        :meth:`ShardStream.close` renames the finished file into place, writes its record and publishes both.
+        Used as a context manager, a stream left without ``close`` (an exception) leaves no file behind."""
+        return ShardStream(self, shard, model_ids)
+
+    def _publish(self, shard: int, tmp: Path, record: dict) -> dict:
+        os.replace(tmp, self.shard_path(shard))  # the file first: a record always describes a complete file
         self.record_path(shard).parent.mkdir(exist_ok=True)
         atomic_write_json(self.record_path(shard), record)
         if self.remote is not None:  # the data, then the record that says it is complete
@@ -616,6 +630,60 @@ class ZooWriter:
         return rec.get("sha256") == sha256_file(path)
 
 
+class ShardStream:
+    """One shard's Parquet file being written, a row group per :meth:`append`, under a temporary name that names
+    its owner (so a crash leaves only a temp file that the next run's cleanup removes); see
+    :meth:`ZooWriter.stream_shard`."""
+
+    def __init__(self, writer: ZooWriter, shard: int, model_ids: Iterable[int]):
+        self.writer, self.shard, self.model_ids = writer, int(shard), [int(m) for m in model_ids]
+        path = writer.shard_path(self.shard)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = temp_path(path)
+        self.rows = 0
+        self.record: dict | None = None
+        self._file: pq.ParquetWriter | None = None
+
+    def append(self, table: pa.Table) -> None:
+        """Write ``table`` (rows of the store's schema) as the file's next row group."""
+        if self.record is not None:
+            raise RuntimeError(f"shard {self.shard} is closed")
+        table = _plain_weights(table)
+        if self._file is None:  # the schema, with the layout metadata, comes from the first rows
+            meta = {k.encode(): v.encode() for k, v in self.writer._file_metadata(_num_params(table)).items()}
+            self._schema = table.schema.with_metadata({**(table.schema.metadata or {}), **meta})
+            self._file = pq.ParquetWriter(self.tmp, self._schema, compression="zstd", write_page_checksum=True)
+        self._file.write_table(table.replace_schema_metadata(self._schema.metadata))
+        self.rows += table.num_rows
+
+    def close(self) -> dict:
+        """Finish the file (fsync), rename it into place, write and publish its record; returns the record."""
+        if self.record is not None:
+            return self.record
+        if self._file is None:
+            raise RuntimeError(f"shard {self.shard}: no rows were written")
+        self._file.close()
+        self.record = self.writer._publish(self.shard, self.tmp, _staged_record(self.tmp, self.shard, self.rows,
+                                                                                  self.writer.shard_path(self.shard),
+                                                                                  self.model_ids))
+        return self.record
+
+    def abort(self) -> None:
+        if self._file is not None and self.record is None:
+            try:
+                self._file.close()
+            except (OSError, pa.ArrowException):
+                pass
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.record is None:
+            self.abort()
+
+
 def plan_of(manifest: dict) -> dict:
     """What ``__raysys__/plan.json`` keeps of a manifest: all of it but its status (``"planned"``, in its place,
     so that a rebuilt manifest has the original's bytes) and the shards' checksums."""
@@ -638,14 +706,6 @@ def _num_params(table: pa.Table) -> int:
     return int(t.list_size)
 
 
-def _write_shard_file(root: Path, shard: int, table: pa.Table, model_ids: Iterable[int], metadata: dict) -> dict:
-    """Write shard ``shard``'s Parquet file atomically (temporary name, fsync, rename); returns its record
-    (which the caller writes: after the file, so that a record always describes a complete file)."""
-    tmp, record = _stage_shard_file(root, shard, table, model_ids, metadata)
-    os.replace(tmp, shard_file(root, shard))
-    return record
-
-
 def _stage_shard_file(root: Path, shard: int, table: pa.Table, model_ids: Iterable[int],
                       metadata: dict) -> tuple[Path, dict]:
     """Shard ``shard``'s Parquet file written and fsynced under a temporary name, and the record of its bytes."""
@@ -656,13 +716,18 @@ def _stage_shard_file(root: Path, shard: int, table: pa.Table, model_ids: Iterab
                                            **{k.encode(): v.encode() for k, v in metadata.items()}})
     tmp = temp_path(path)
     pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
+    return tmp, _staged_record(tmp, shard, table.num_rows, path, model_ids)
+
+
+def _staged_record(tmp: Path, shard: int, rows: int, path: Path, model_ids: Iterable[int]) -> dict:
+    """A finished temporary shard file fsynced, and the completion record of its bytes."""
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     from raysys.provenance import STORE_FORMAT, code_fingerprint
 
-    return tmp, {"shard": int(shard), "file": path.name, "rows": table.num_rows, "bytes": tmp.stat().st_size,
-                 "model_ids": sorted(int(m) for m in model_ids), "sha256": sha256_file(tmp),
-                 "store_format": STORE_FORMAT, "code": code_fingerprint("zoo")}
+    return {"shard": int(shard), "file": path.name, "rows": int(rows), "bytes": tmp.stat().st_size,
+            "model_ids": sorted(int(m) for m in model_ids), "sha256": sha256_file(tmp),
+            "store_format": STORE_FORMAT, "code": code_fingerprint("zoo")}
 
 
 @dataclass
@@ -743,9 +808,12 @@ class Zoo:
             filters.append(("epoch", "in", [int(e) for e in epochs]))
         if splits is not None:
             filters.append(("split", "in", list(splits)))
-        tables = [read_shard(f, columns, filters or None) for f in files]
-        return pa.concat_tables(tables).sort_by([("model_id", "ascending"), ("epoch", "ascending")]) \
-            if columns is None or {"model_id", "epoch"} <= set(columns) else pa.concat_tables(tables)
+        # rows in (model_id, epoch) order whatever the files' order (generate writes a row group per epoch)
+        keys = [] if columns is None else [k for k in ("model_id", "epoch") if k not in columns]
+        read = None if columns is None else [*columns, *keys]
+        table = pa.concat_tables([read_shard(f, read, filters or None) for f in files])
+        table = table.sort_by([("model_id", "ascending"), ("epoch", "ascending")])
+        return table.drop_columns(keys) if keys else table
 
     def frame(self, epochs=None, splits=None):
         """Everything but the weights, as a pandas DataFrame."""

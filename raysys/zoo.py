@@ -114,7 +114,7 @@ class ResourcesConfig(Config):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     max_failures: int = Field(2, ge=0)  # Ray Train restarts of the worker group after a crash
-    # The memory one shard may take while it trains and is written (its rows and their sorted copy), in GiB.
+    # The memory one shard may take while it trains and is written (see zoo.SHARD_MEMORY_COPIES), in GiB.
     # None: this machine's available memory (psutil, else /proc/meminfo, else os.sysconf). See check_memory.
     shard_memory_gb: float | None = Field(None, gt=0)
     # Who trains the shards (see choose_runner): "auto" trains them in this process when the run is local and one
@@ -279,15 +279,26 @@ def plan_shards(specs: list[ModelSpec], models_per_shard: int) -> list[Shard]:
 
 # --- size and memory ----------------------------------------------------------------------------
 
+# What one shard holds in memory while it trains and is written, in copies of its models' float32 weights: the
+# trainer's weights, gradients and two optimizer moments (Adam's; SGD keeps fewer), and the epoch being written
+# (the rows, their Arrow column and the Parquet row group). The shard is streamed a row group per epoch, so the
+# number of epochs does not enter.
+SHARD_MEMORY_COPIES = 7
+
+
 def size_estimate(config: ZooConfig, num_params: int, shards: list[Shard]) -> dict:
-    """Bytes of float32 weights the zoo holds (every model, epochs 0..E) and one shard holds in memory while it
-    trains and is written: its rows (the largest shard's models x (epochs + 1) x num_params x 4) and the sorted
-    copy that is written, twice the rows."""
+    """Bytes of float32 weights the zoo holds (every model, epochs 0..E), and the memory one shard takes while it
+    trains and is written: ``SHARD_MEMORY_COPIES`` copies of the largest shard's weights (models x num_params x
+    4), whatever the number of epochs (its epochs are streamed to the file one at a time)."""
+    from raysys.population import CHAINS
+
     models = sum(len(s.model_ids) for s in shards)
     per_model = (config.epochs + 1) * num_params * 4
     largest = max((len(s.model_ids) for s in shards), default=0)
+    together = largest if config.arch in CHAINS else min(largest, 1)  # the others train one model at a time
     return {"models": models, "epochs": config.epochs, "num_params": num_params, "zoo_bytes": models * per_model,
-            "shard_models": largest, "shard_rows_bytes": largest * per_model, "shard_bytes": 2 * largest * per_model}
+            "shard_models": largest, "models_in_memory": together, "shard_epoch_bytes": together * num_params * 4,
+            "shard_bytes": SHARD_MEMORY_COPIES * together * num_params * 4}
 
 
 def available_memory() -> int | None:
@@ -328,16 +339,23 @@ def check_memory(config: ZooConfig, num_params: int, shards: list[Shard], budget
     est.update(budget_bytes=budget, budget_source=source)
     print(f"raysys zoo: {est['models']:,} models x {config.epochs + 1} epochs (0..{config.epochs}) x "
           f"{num_params:,} parameters = {_gb(est['zoo_bytes'])} of float32 weights (less on disk: zstd); a shard of "
-          f"{est['shard_models']} models holds {_gb(est['shard_bytes'])} while it is written"
+          f"{est['shard_models']} models needs {_gb(est['shard_bytes'])} while it trains (epochs streamed to disk"
+          + ("" if est["models_in_memory"] == est["shard_models"] else ", one model at a time") + ")"
           + (f" (budget {_gb(budget)}, {source})" if budget is not None else ""), flush=True)
-    if budget is not None and est["shard_bytes"] > budget:
-        fit = max(1, budget // (2 * (config.epochs + 1) * num_params * 4))
+    if budget is not None and est["shard_bytes"] > budget and est["models_in_memory"] < est["shard_models"]:
         raise RaysysError(
-            f"one shard of {est['shard_models']} models x {config.epochs + 1} epochs x {num_params:,} parameters x 4 "
-            f"bytes needs {_gb(est['shard_bytes'])} of memory while it is written (its rows, "
-            f"{_gb(est['shard_rows_bytes'])}, and their sorted copy), more than the {_gb(budget)} {source}. Lower "
-            f"models_per_shard (now {config.models_per_shard}; at most {fit} fit: --set models_per_shard={fit}), or "
-            f"raise resources.shard_memory_gb if the workers' machines have the memory.")
+            f"one {config.arch} model of {num_params:,} parameters needs {_gb(est['shard_bytes'])} of memory while "
+            f"it trains and is written ({SHARD_MEMORY_COPIES} copies of its weights), more than the {_gb(budget)} "
+            f"{source}; {config.arch} shards train one model at a time, so models_per_shard does not change this. "
+            f"Run it on machines with more memory (and set resources.shard_memory_gb to what they have).")
+    if budget is not None and est["shard_bytes"] > budget:
+        fit = max(1, budget // (SHARD_MEMORY_COPIES * num_params * 4))
+        raise RaysysError(
+            f"one shard of {est['shard_models']} models x {num_params:,} parameters needs {_gb(est['shard_bytes'])} "
+            f"of memory while it trains and is written ({SHARD_MEMORY_COPIES} copies of its weights: the trainer's "
+            f"weights, gradients and optimizer state, and the epoch being written), more than the {_gb(budget)} "
+            f"{source}. Lower models_per_shard (now {config.models_per_shard}; at most {fit} fit: --set "
+            f"models_per_shard={fit}), or raise resources.shard_memory_gb if the workers' machines have the memory.")
     return est
 
 
@@ -345,28 +363,33 @@ def check_memory(config: ZooConfig, num_params: int, shards: list[Shard], budget
 
 def train_shard(arch: str, shard: Shard, specs: list[ModelSpec], data, epochs: int, splits: list[str],
                 writer: ZooWriter, device: str = "cpu", on_progress=None) -> dict:
-    """Train the models of one shard, write all their epochs as one Parquet file, return its record."""
-    from raysys.population import train_population
+    """Train the models of one shard and stream each epoch's rows into its Parquet file as a row group (memory
+    holds one epoch of the shard, never all of them); return the shard's record once the file is in place."""
+    from raysys.population import CHAINS, train_population
 
     by_id = {s.model_id: s for s in specs}
-    members = [by_id[m] for m in shard.model_ids]
-    hparams = [s.hyperparameters() for s in members]
     num_params = architectures.layout_of(arch, data.in_channels, data.num_classes).num_params
-    tables = []
+    # a batched architecture trains the shard as one population, a row group per epoch; the others (BatchNorm:
+    # trained one model at a time anyway) one model after the other, a row group per model and epoch
+    groups = [list(shard.model_ids)] if arch in CHAINS else [[m] for m in shard.model_ids]
+    with writer.stream_shard(shard.shard, shard.model_ids) as stream:
+        for ids in groups:
+            members = [by_id[m] for m in ids]
+            hparams = [s.hyperparameters() for s in members]
+            seen: list[int] = []
 
-    def on_epoch(epoch, weights, metrics):
-        tables.append(rows_table(num_params, shard.model_ids, epoch, [splits[m] for m in shard.model_ids],
-                                 weights.detach().cpu().numpy(), metrics, hparams))
-        if on_progress is not None and epoch > 0:
-            on_progress(len(members))
+            def on_epoch(epoch, weights, metrics, ids=ids, hparams=hparams, seen=seen):
+                stream.append(rows_table(num_params, ids, epoch, [splits[m] for m in ids],
+                                         weights.detach().cpu().numpy(), metrics, hparams))
+                seen.append(epoch)
+                if on_progress is not None and epoch > 0:
+                    on_progress(len(ids))
 
-    train_population(arch, members, data, epochs, on_epoch=on_epoch, device=device)
-    if len(tables) != epochs + 1:
-        raise RuntimeError(f"shard {shard.shard}: the trainer reported {len(tables)} epochs, expected {epochs + 1}")
-    import pyarrow as pa
-
-    table = pa.concat_tables(tables).sort_by([("model_id", "ascending"), ("epoch", "ascending")])
-    return writer.write_shard(shard.shard, table, shard.model_ids)
+            train_population(arch, members, data, epochs, on_epoch=on_epoch, device=device)
+            if seen != list(range(epochs + 1)):
+                raise RuntimeError(f"shard {shard.shard}: the trainer reported epochs {seen} for models {ids}, "
+                                   f"expected 0..{epochs}")
+        return stream.close()
 
 
 # --- Ray Train ----------------------------------------------------------------------------------

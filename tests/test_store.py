@@ -86,6 +86,41 @@ def test_round_trip_weights_exact_and_one_row_per_model_epoch(tmp_path):
     assert "weights" not in zoo.frame().columns
 
 
+def test_a_streamed_shard_is_a_row_group_per_epoch_read_back_in_model_epoch_order_and_a_crash_leaves_nothing(tmp_path):
+    """stream_shard writes each append as a row group of a temporary file; close renames it and writes its record;
+    readers give (model_id, epoch) order whatever the file's order, also for columns without those keys; an
+    exception inside the stream leaves neither the shard, its record nor a temporary file."""
+    ids, splits = [0, 1, 2], splits_for(3, seed=0)
+    writer = ZooWriter(tmp_path)
+    writer.write_manifest({"layout": layout_of("tetris_ffn", 1, 4).to_dict(), "arch": "tetris_ffn", "name": "s",
+                           "splits": splits})
+    written = {}
+    with writer.stream_shard(0, ids) as stream:
+        for e, w, m in fake_population(ids, 3):
+            stream.append(rows_table(P, ids, e, splits, w, m, hparams_for(ids)))
+            assert not writer.shard_path(0).exists() and stream.tmp.exists()  # nothing in place until close
+            written.update({(mid, e): w[i] for i, mid in enumerate(ids)})
+        record = stream.close()
+    assert pq.ParquetFile(writer.shard_path(0)).metadata.num_row_groups == 4 and record["rows"] == 12
+    assert writer.is_complete(0) and not list(tmp_path.rglob("*.tmp"))
+    assert pq.read_table(writer.shard_path(0)).column("epoch").to_pylist()[:3] == [0, 0, 0]  # epoch-major on disk
+    zoo = open_zoo(tmp_path)
+    w, meta = zoo.weights()
+    assert list(zip(meta.model_id, meta.epoch)) == sorted(written)
+    for row, key in enumerate(zip(meta.model_id, meta.epoch)):
+        np.testing.assert_array_equal(w[row], written[key])
+    only = weights_numpy(zoo.table(["weights"]).column("weights"))  # no keys asked for: still in that order
+    np.testing.assert_array_equal(only, w)
+
+    with pytest.raises(RuntimeError, match="the trainer died"):
+        with writer.stream_shard(1, ids) as stream:
+            e, w1, m1 = fake_population(ids, 0)[0]
+            stream.append(rows_table(P, ids, e, splits, w1, m1, hparams_for(ids)))
+            raise RuntimeError("the trainer died")
+    assert not writer.shard_path(1).exists() and not writer.record_path(1).exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
 def test_split_is_by_model_never_by_epoch(tmp_path):
     _, splits, _ = write_zoo(tmp_path, num_models=20, epochs=3)
     df = open_zoo(tmp_path).frame()

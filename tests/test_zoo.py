@@ -154,14 +154,21 @@ def test_a_shard_that_does_not_fit_in_memory_is_refused_before_anything_is_writt
     c = config(seeds={"count": 40}, epochs=9, models_per_shard=20)
     p = 100
     est = check_memory(c, p, plan_shards(expand(c), 20), budget=10**9)
-    assert est["zoo_bytes"] == 40 * 10 * p * 4 and est["shard_rows_bytes"] == 20 * 10 * p * 4
-    assert est["shard_bytes"] == 2 * est["shard_rows_bytes"]
+    assert est["zoo_bytes"] == 40 * 10 * p * 4 and est["shard_epoch_bytes"] == 20 * p * 4
+    assert est["shard_bytes"] == 7 * est["shard_epoch_bytes"]  # streamed: the number of epochs does not enter
+    assert check_memory(config(seeds={"count": 40}, epochs=99, models_per_shard=20), p,
+                        plan_shards(expand(c), 20), budget=10**9)["shard_bytes"] == est["shard_bytes"]
     assert "40 models x 10 epochs (0..9) x 100 parameters" in capsys.readouterr().out
-    with pytest.raises(RaysysError, match=r"(?s)one shard of 20 models x 10 epochs x 100 parameters x 4 bytes needs "
-                                          r"0.153 MiB of memory while it is written"):
-        check_memory(c, p, plan_shards(expand(c), 20), budget=100_000)
-    with pytest.raises(RaysysError, match=r"at most 12 fit: --set models_per_shard=12"):
-        check_memory(c, p, plan_shards(expand(c), 20), budget=100_000)
+    with pytest.raises(RaysysError, match=r"(?s)one shard of 20 models x 100 parameters needs 0.0534 MiB of memory "
+                                          r"while it trains and is written"):
+        check_memory(c, p, plan_shards(expand(c), 20), budget=50_000)
+    with pytest.raises(RaysysError, match=r"at most 17 fit: --set models_per_shard=17"):
+        check_memory(c, p, plan_shards(expand(c), 20), budget=50_000)
+    r = config(seeds={"count": 40}, epochs=9, models_per_shard=20, arch="resnet18")  # trained one model at a time
+    assert check_memory(r, p, plan_shards(expand(r), 20), budget=10**9)["shard_bytes"] == 7 * p * 4
+    with pytest.raises(RaysysError, match=r"one resnet18 model of 100 parameters needs .*models_per_shard does not "
+                                          r"change this"):
+        check_memory(r, p, plan_shards(expand(r), 20), budget=1000)
     assert available_memory() > 0
 
     # through the CLI: the budget from the config, nothing written
@@ -177,6 +184,52 @@ def test_a_shard_that_does_not_fit_in_memory_is_refused_before_anything_is_writt
     assert err.count("raysys: error:") == 1 and "models_per_shard (now 20" in err
     assert "resources.shard_memory_gb" in err and "Traceback" not in err
     assert not out.exists()
+
+
+# Trains one shard of N tetris FFNs for E epochs through train_shard under RLIMIT_DATA (what Linux counts of the
+# heap and private writable mappings) set to LIMIT MiB above the process's use after imports.
+_UNDER_A_LIMIT = """
+import resource, sys, torch
+from pathlib import Path
+from raysys.config import validate
+from raysys.datasets import ImageData
+from raysys.store import ZooWriter, splits_for
+from raysys.zoo import ZooConfig, expand, plan_shards, train_shard
+
+out, limit_mb, epochs, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(1)
+g = torch.Generator().manual_seed(0)
+x = lambda k: torch.rand(k, 1, 4, 4, generator=g)
+y = lambda k: torch.randint(0, 4, (k,), generator=g)
+data = ImageData("tiny", x(4), y(4), x(2), y(2), x(2), y(2), 4)
+c = validate(ZooConfig, {"name": "big", "dataset": {"name": "tetris"}, "arch": "tetris_ffn",
+                         "grid": {"batch_size": 4}, "seeds": {"count": n}, "epochs": epochs, "models_per_shard": n})
+specs = expand(c)
+vmdata = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmData")) * 1024
+resource.setrlimit(resource.RLIMIT_DATA, (vmdata + limit_mb * 2**20, resource.RLIM_INFINITY))
+record = train_shard(c.arch, plan_shards(specs, n)[0], specs, data, epochs, splits_for(n, 0), ZooWriter(out))
+print("rows", record["rows"])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA and /proc/self/status are Linux's")
+def test_a_shard_larger_than_the_memory_limit_trains_because_its_epochs_are_streamed(tmp_path):
+    """10,000 models x 151 epochs x 100 parameters: 576 MiB of float32 rows, and a shard file that holds them all;
+    the training process is allowed 360 MiB more than it uses after its imports. Holding the shard's epochs until
+    the end (and sorting them) needs more than twice the limit and fails with an allocation error; a row group
+    per epoch trains the shard within it (measured: it fails at 260 MiB, passes at 300 MiB)."""
+    import pyarrow.parquet as pq
+
+    n, epochs, limit_mb = 10_000, 150, 360
+    assert n * (epochs + 1) * 100 * 4 > 1.5 * limit_mb * 2**20  # the shard's rows alone do not fit
+    run = subprocess.run([sys.executable, "-c", _UNDER_A_LIMIT, str(tmp_path), str(limit_mb), str(epochs), str(n)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"rows {n * (epochs + 1)}" in run.stdout
+    meta = pq.ParquetFile(ZooWriter(tmp_path).shard_path(0)).metadata
+    assert meta.num_rows == n * (epochs + 1) and meta.num_row_groups == epochs + 1
+    assert ZooWriter(tmp_path).is_complete(0)
 
 
 @settings(max_examples=25, deadline=None)
@@ -211,6 +264,34 @@ def test_train_shard_writes_every_epoch_of_every_model(tmp_path):
     assert sorted(zip(df.model_id, df.epoch)) == [(m, e) for m in (3, 4) for e in range(3)]
     assert list(df.drop_duplicates("model_id").split) == [splits[3], splits[4]]
     assert set(df.seed) == {4, 5} and set(df.init) == {"kaiming_uniform"}
+
+
+@pytest.mark.slow
+def test_a_resnet_shard_is_streamed_one_model_at_a_time_and_equals_the_population_trainers_result(tmp_path):
+    """ResNet-18 (BatchNorm: not a batched chain) shards are trained model after model, a row group per model
+    and epoch, so memory holds one model's epoch; the weights are those train_population gives for the shard."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from raysys.datasets import ImageData
+    from raysys.population import train_population
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageData("tiny", torch.rand(4, 3, 8, 8, generator=g), torch.arange(4), torch.rand(2, 3, 8, 8, generator=g),
+                     torch.arange(2), torch.rand(2, 3, 8, 8, generator=g), torch.arange(2), 10)
+    c = validate(ZooConfig, {"name": "r", "dataset": {"name": "digits"}, "arch": "resnet18", "seeds": {"count": 2},
+                             "grid": {"optimizer": "sgd", "lr": 1e-3, "batch_size": 4}, "epochs": 1})
+    specs = expand(c)
+    shard = plan_shards(specs, 2)[0]
+    record = train_shard(c.arch, shard, specs, data, 1, splits_for(2, 0), ZooWriter(tmp_path))
+    f = pq.ParquetFile(ZooWriter(tmp_path).shard_path(0))
+    assert record["rows"] == 4 and f.metadata.num_row_groups == 4
+    assert f.read(columns=["model_id"]).column(0).to_pylist() == [0, 0, 1, 1]
+    ZooWriter(tmp_path).write_manifest({"layout": layout_of("resnet18", 3, 10).to_dict()})
+    w, meta = open_zoo(tmp_path).weights(epochs=[1])
+    finals = train_population(c.arch, specs, data, 1).numpy()
+    assert list(meta.model_id) == [0, 1]
+    np.testing.assert_array_equal(w, finals)
 
 
 # --- the real thing: CLI, Ray Train, SIGKILL, resume, MLflow --------------------------------------
