@@ -75,6 +75,14 @@ def run_pipeline(config: PipelineConfig, out_dir: str | Path, config_dir: str | 
     from raysys.store import WriterLock
 
     stages = stage_configs(config, config_dir)
+    from raysys.storage import is_remote
+
+    if config.hyperrep_gpus > 0 and is_remote(out_dir):
+        # the stages of a remote --out work in a local copy on the driver, which a GPU node's task cannot see
+        raise ConfigError(f"hyperrep_gpus: {config.hyperrep_gpus} trains the autoencoder in a Ray task on a GPU "
+                          f"node, which cannot see the driver's working copy of --out {out_dir}. Give --out a "
+                          f"folder every node mounts (the cluster's shared filesystem), or set hyperrep_gpus: 0 "
+                          f"to train it on the driver.")
     with output_storage(out_dir) as (out, remote), \
             ray_session(config.ray_address, storage=remote.uri if remote is not None else out) as start_ray, \
             WriterLock(out, "raysys pipeline", path=out / LOCK_FILE):

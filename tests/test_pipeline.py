@@ -583,3 +583,14 @@ def test_a_pipeline_killed_mid_autoencoder_resumes_it_instead_of_starting_at_epo
     (cut / "hyperrep" / pipeline.RUNNING_FILE).write_text(json.dumps({"hash": "another"}))
     assert not pipeline.record_free_resume(cut / "hyperrep", record["hash"], check)
     assert "the interrupted run had another config or code" in capsys.readouterr().out
+
+
+def test_an_autoencoder_on_a_gpu_node_with_a_remote_out_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """A GPU node's task cannot see the driver's local working copy of an s3:// --out: one clean error naming
+    the fix, before any storage, Ray or MLflow is touched."""
+    monkeypatch.chdir(tmp_path)
+    config = tiny(["hyperrep_gpus=1"])
+    with pytest.raises(ConfigError, match=r"hyperrep_gpus: 1.0 .*cannot see the driver's working copy of --out "
+                                          r"s3://bucket/run.*shared filesystem.*hyperrep_gpus: 0"):
+        pipeline.run_pipeline(config, "s3://bucket/run", config_dir=TINY.parent, progress=False)
+    assert list(tmp_path.iterdir()) == []
