@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysys import datasets  # noqa: E402
 from raysys.datasets import ImageData  # noqa: E402
-from raysys.population import train_population  # noqa: E402
+from raysys.batched_trainer import train_population  # noqa: E402
 from raysys.train import ModelSpec, train_one  # noqa: E402
 
 INITS = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")

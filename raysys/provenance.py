@@ -26,7 +26,7 @@ STORE_FORMAT = 2
 ALLOW_ENV = "RAYSYS_ALLOW_CODE_CHANGE"
 
 _PACKAGE = Path(__file__).resolve().parent
-_TRAINER = ("train.py", "population.py", "architectures.py", "datasets.py")
+_TRAINER = ("train.py", "batched_trainer.py", "architectures.py", "datasets.py")
 # The source files whose code decides what each stage writes (paths relative to the raysys package).
 STAGE_SOURCES: dict[str, tuple[str, ...]] = {
     "zoo": _TRAINER,
@@ -35,7 +35,7 @@ STAGE_SOURCES: dict[str, tuple[str, ...]] = {
                  "hyperrep/evaluate.py", "hyperrep/losses.py", "hyperrep/model.py", "hyperrep/tokens.py", "hyperrep/train.py", "probes.py"),
     "populations": ("populations/config.py", "populations/finetune.py", "populations/codec.py", "populations/novelty.py",
                     "populations/report.py", "populations/samplers.py", "populations/stage.py",
-                    "population.py", "architectures.py", "datasets.py"),
+                    "batched_trainer.py", "architectures.py", "datasets.py"),
 }
 STAGE_SOURCES["hyperrep_nolwln"] = STAGE_SOURCES["hyperrep"]
 

@@ -1,7 +1,7 @@
 """Training semantics shared by every trainer: what one model's config and seed determine.
 
 :func:`train_one` is the plain per-model PyTorch loop, the ground truth that the vectorized
-population trainer (:mod:`raysys.population`) must reproduce within float tolerance.
+population trainer (:mod:`raysys.batched_trainer`) must reproduce within float tolerance.
 
 Randomness of a model comes from three generators seeded from its seed alone:
 initialization (``seed``), data order (``seed + DATA_STREAM``) and dropout masks

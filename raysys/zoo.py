@@ -2,7 +2,7 @@
 
 Reading order: the config (:class:`ZooConfig`), its expansion into :class:`~raysys.train.ModelSpec`
 (:func:`expand`), the shard plan (:func:`plan_shards`), training one shard (:func:`train_shard`,
-plain PyTorch through :func:`raysys.population.train_population`), the Ray Train worker loop,
+plain PyTorch through :func:`raysys.batched_trainer.train_population`), the Ray Train worker loop,
 the driver (:func:`generate`: manifest, resume, MLflow, progress) and the CLI.
 
 Determinism: a model is fully determined by its spec (see :mod:`raysys.train`), and model ids,
@@ -290,7 +290,7 @@ def size_estimate(config: ZooConfig, num_params: int, shards: list[Shard]) -> di
     """Bytes of float32 weights the zoo holds (every model, epochs 0..E), and the memory one shard takes while it
     trains and is written: ``SHARD_MEMORY_COPIES`` copies of the largest shard's weights (models x num_params x
     4), whatever the number of epochs (its epochs are streamed to the file one at a time)."""
-    from raysys.population import CHAINS
+    from raysys.batched_trainer import CHAINS
 
     models = sum(len(s.model_ids) for s in shards)
     per_model = (config.epochs + 1) * num_params * 4
@@ -365,7 +365,7 @@ def train_shard(arch: str, shard: Shard, specs: list[ModelSpec], data, epochs: i
                 writer: ZooWriter, device: str = "cpu", on_progress=None) -> dict:
     """Train the models of one shard and stream each epoch's rows into its Parquet file as a row group (memory
     holds one epoch of the shard, never all of them); return the shard's record once the file is in place."""
-    from raysys.population import CHAINS, train_population
+    from raysys.batched_trainer import CHAINS, train_population
 
     by_id = {s.model_id: s for s in specs}
     num_params = architectures.layout_of(arch, data.in_channels, data.num_classes).num_params

@@ -14,7 +14,7 @@ import torch
 
 from raysys import datasets
 from raysys.architectures import layout_of
-from raysys.population import train_population
+from raysys.batched_trainer import train_population
 from raysys.store import StoreError, ZooWriter, open_zoo, rows_table, splits_for
 from raysys.train import ModelSpec, evaluate
 

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from raysys import architectures, cli, datasets
-from raysys.population import train_population
+from raysys.batched_trainer import train_population
 from raysys.store import ZooWriter, rows_table, splits_for
 from raysys.train import METRICS, ModelSpec
 

@@ -10,7 +10,7 @@ import torch
 
 from raysys import architectures, datasets
 from raysys.config import RaysysError, load, validate
-from raysys.population import train_population
+from raysys.batched_trainer import train_population
 from raysys.populations import codec, finetune
 from raysys.populations.config import PopulationsConfig
 from raysys.populations.stage import run_populations

@@ -363,7 +363,7 @@ def test_wrong_architecture_is_refused():
 
 def make_zoo(root: Path, n: int = 20, epochs: int = 4) -> Path:
     """A tiny tetris_ffn zoo written through the real store."""
-    from raysys.population import train_population
+    from raysys.batched_trainer import train_population
     from raysys.store import ZooWriter, rows_table, splits_for
     from raysys.train import ModelSpec
 

@@ -15,7 +15,7 @@ from sklearn.metrics import r2_score
 from raysys import architectures, datasets
 from raysys.architectures import layout_of
 from raysys.config import RaysysError
-from raysys.population import train_population
+from raysys.batched_trainer import train_population
 from raysys.store import ZooWriter, open_zoo, rows_table, splits_for
 from raysys.train import ModelSpec, evaluate as evaluate_model
 

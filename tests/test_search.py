@@ -21,7 +21,7 @@ from raysys import datasets
 from raysys.architectures import layout_of
 from raysys.config import ConfigError, RaysysError, load, validate
 from raysys.hyperrep.config import HyperRepConfig
-from raysys.population import train_population
+from raysys.batched_trainer import train_population
 from raysys.search import DefineByRun, SearchConfig, check_search, load_search, pareto_front, run_search
 from raysys.store import ZooWriter, rows_table, splits_for
 from raysys.train import ModelSpec

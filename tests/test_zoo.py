@@ -274,7 +274,7 @@ def test_a_resnet_shard_is_streamed_one_model_at_a_time_and_equals_the_populatio
     import torch
 
     from raysys.datasets import ImageData
-    from raysys.population import train_population
+    from raysys.batched_trainer import train_population
 
     g = torch.Generator().manual_seed(0)
     data = ImageData("tiny", torch.rand(4, 3, 8, 8, generator=g), torch.arange(4), torch.rand(2, 3, 8, 8, generator=g),

@@ -3,7 +3,7 @@
 A job is one population: its initial weights (or none, for models trained from scratch), one
 :class:`~raysys.train.ModelSpec` per model (seed = data order and dropout; init only when no
 weights are given), and a dataset. An actor trains the whole population as one batched
-computation with :func:`raysys.population.train_population`, evaluating at epoch 0 (the
+computation with :func:`raysys.batched_trainer.train_population`, evaluating at epoch 0 (the
 weights as given, no training) and after every epoch up to the largest budget, so one run
 yields the accuracy at every budget (0, 1, 5, 25 ...).
 
@@ -23,7 +23,7 @@ import torch
 from raysys import architectures, datasets
 from raysys.config import RaysysError
 from raysys.datasets import ImageData
-from raysys.population import train_population
+from raysys.batched_trainer import train_population
 from raysys.train import METRICS, ModelSpec
 
 

@@ -9,7 +9,7 @@ import torch
 
 from raysys import architectures, datasets, store
 from raysys.config import RaysysError
-from raysys.population import train_population
+from raysys.batched_trainer import train_population
 from raysys.train import METRICS, ModelSpec, train_one
 
 EPOCHS = 2
@@ -99,7 +99,7 @@ def test_cnn_s_population_matches_train_one(small_digits, optimizer, activation,
 def test_sliced_first_layer_matches_train_one(small_digits, monkeypatch):
     """The cache-sized slices of the fused conv+pool (training) and of evaluation's first layer,
     forced down to 3 images so a batch of 10 is cut into 3+3+3+1: still train_one's numbers."""
-    from raysys import population
+    from raysys import batched_trainer as population
     per_image = 3 * 8 * 24 * 24  # 3 models x 8 channels x 24 x 24 conv outputs
     monkeypatch.setitem(population.TRAIN_SLICE_FLOATS, "cpu", 3 * per_image)
     monkeypatch.setitem(population.EVAL_SLICE_FLOATS, "cpu", 3 * per_image)
@@ -113,7 +113,7 @@ def test_sliced_first_layer_matches_train_one(small_digits, monkeypatch):
 def test_unsliced_first_layer_the_gpu_setting_matches_train_one(small_digits, monkeypatch):
     """The GPU's slice settings (one slice per batch and per evaluation chunk), run on the CPU:
     the same numbers, and no buffer sized by the (huge) slice limit itself."""
-    from raysys import population
+    from raysys import batched_trainer as population
     for table in ("TRAIN_SLICE_FLOATS", "EVAL_SLICE_FLOATS", "EVAL_POOLED_CHUNK_FLOATS"):
         monkeypatch.setitem(getattr(population, table), "cpu", getattr(population, table)["cuda"])
     specs = _specs(2, "sgd", "relu", 0.0)
@@ -123,7 +123,7 @@ def test_unsliced_first_layer_the_gpu_setting_matches_train_one(small_digits, mo
 
 
 def test_tanh_kernel_matches_torch_tanh():
-    from raysys.population import _tanh, _tanh_
+    from raysys.batched_trainer import _tanh, _tanh_
     x = torch.cat([torch.randn(10_000) * 4, torch.tensor([0.0, 1e-8, -1e-5, 30.0, -30.0, 1e4, -1e4])])
     x.requires_grad_(True)
     y = _tanh(x)
@@ -144,7 +144,7 @@ def test_tanh_kernel_matches_torch_tanh():
 def test_first_conv_kernels_match_plain_autograd(models):
     """The fused conv+pool (sliced, models sharing groups, bias gradient from the pooled gradient)
     and the grouped conv with its own bias gradient give autograd's numbers on the plain ops."""
-    from raysys.population import _ConvPool, _from_blocks, _GroupedConv, _models_per_group, _to_blocks
+    from raysys.batched_trainer import _ConvPool, _from_blocks, _GroupedConv, _models_per_group, _to_blocks
     g = torch.Generator().manual_seed(models)
     x = torch.rand(7, models, 28, 28, generator=g).contiguous(memory_format=torch.channels_last)
     w = torch.randn(models * 8, 1, 5, 5, generator=g, requires_grad=True)
@@ -174,7 +174,7 @@ def test_first_conv_kernels_match_plain_autograd(models):
 
 
 def test_models_share_a_group_only_where_it_pays():
-    from raysys.population import _models_per_group
+    from raysys.batched_trainer import _models_per_group
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert _models_per_group(24, 8, cpu) == 2   # 8 channels fill half a 16-lane vector
     assert _models_per_group(24, 4, cpu) == 4
